@@ -54,9 +54,7 @@ def generator(key: bytes, purpose: str, block: int = 0) -> torch.Generator:
     return gen
 
 
-def uniform_rows(
-    key: bytes, purpose: str, shape: tuple[int, ...], row_start: int, row_stop: int
-) -> torch.Tensor:
+def uniform_rows(key: bytes, purpose: str, shape: tuple[int, ...], row_start: int, row_stop: int) -> torch.Tensor:
     """Uniform [0, 1) float32 numbers for rows [row_start, row_stop) of ``shape``.
 
     ``row_start`` must lie on a block boundary; the values for any row are the

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from convergent.cli import merge_cmds, node_cmds, set_cmds, stats_cmds
+from convergent.cli import demo_cmds, lora_cmds, merge_cmds, node_cmds, set_cmds, stats_cmds
 from convergent.errors import ConvergentError
 
 app = typer.Typer(
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (merge_cmds, set_cmds, node_cmds, stats_cmds):
+for _module in (merge_cmds, set_cmds, node_cmds, stats_cmds, lora_cmds, demo_cmds):
     _module.register(app)
 
 

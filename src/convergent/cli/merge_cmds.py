@@ -1,9 +1,128 @@
-"""CLI commands for this area (filled in by its owner)."""
+"""One-shot merges: ``merge``, ``inspect`` and ``strategies``."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import typer
+from rich.table import Table
+
+from convergent.cli.common import console, emit_json, out, parse_size, progress_bar
+
+
+def merge(
+    recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe"),
+    out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
+    threads: int = typer.Option(min(4, os.cpu_count() or 1), help="tensors merged in parallel"),
+    memory_limit: str = typer.Option("2GB", help="working-memory budget, e.g. 2GB, 512MB"),
+    max_shard_size: str = typer.Option("5GB", help="largest output shard"),
+    seed: int = typer.Option(0, help="seed for stochastic methods (DARE, DELLA, ...)"),
+    overwrite: bool = typer.Option(False, help="replace an existing output folder"),
+    allow_nonfinite: bool = typer.Option(False, help="merge inputs that contain NaN/Inf"),
+    json_out: bool = typer.Option(False, "--json", help="print output files with sha256 as JSON"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Merge the checkpoints a recipe names into OUT_DIR."""
+    from convergent.engine import run_merge
+    from convergent.recipe import build_job, load_recipe
+
+    parsed = load_recipe(recipe)
+    job = build_job(
+        parsed,
+        out_dir,
+        recipe_dir=recipe.resolve().parent,
+        threads=max(1, threads),
+        memory_limit=parse_size(memory_limit),
+        max_shard_size=parse_size(max_shard_size),
+        seed=seed,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+    )
+    with progress_bar(f"merging ({parsed.merge_method})", 1, enabled=not quiet and not json_out) as update:
+        job.progress = update
+        result = run_merge(job, hash_outputs=json_out)
+    if json_out:
+        emit_json(
+            {
+                "out_dir": str(result.out_dir),
+                "merge_method": parsed.merge_method,
+                "tensors": result.tensors,
+                "parameters": result.parameters,
+                "seconds": round(result.seconds, 3),
+                "files": result.files,
+            }
+        )
+    elif not quiet:
+        console.print(
+            f"merged {result.tensors} tensors ({result.parameters:,} parameters) into {result.out_dir} "
+            f"in {result.seconds:.1f}s"
+        )
+
+
+def inspect(
+    path: Path = typer.Argument(..., help="checkpoint folder or file"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """List a checkpoint's tensors with dtypes, shapes and the parameter count."""
+    from convergent.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    rows = []
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        rows.append({"name": name, "dtype": str(info.dtype).removeprefix("torch."), "shape": list(info.shape)})
+    total = sum(ckpt.info(n).numel for n in ckpt.names())
+    summary = {"path": str(path), "layout": ckpt.kind, "tensors": len(rows), "parameters": total, "bytes": ckpt.nbytes}
+    if json_out:
+        emit_json({**summary, "tensor_list": rows})
+        return
+    table = Table(title=f"{path} ({ckpt.kind})")
+    for col in ("tensor", "dtype", "shape"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["dtype"], "x".join(map(str, row["shape"])) or "scalar")
+    out.print(table)
+    out.print(f"{len(rows)} tensors, {total:,} parameters, {ckpt.nbytes / 1e6:.1f} MB")
+
+
+def strategies(
+    name: str = typer.Argument(None, help="show one strategy in detail"),
+    family: str = typer.Option(None, help="only this family (mergekit, task-vector, federated, ...)"),
+    json_out: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """List merge strategies with their parameters, defaults and papers."""
+    from convergent.strategies import REGISTRY, get_strategy
+
+    chosen = [get_strategy(name)] if name else [s for _, s in sorted(REGISTRY.items())]
+    if family:
+        chosen = [s for s in chosen if s.family == family]
+    described = [s.describe() for s in chosen]
+    if json_out:
+        emit_json(described)
+        return
+    table = Table(title="merge strategies", show_lines=True)
+    for col in ("name", "family", "base", "parameters (default)", "per-model", "streams", "paper"):
+        table.add_column(col, overflow="fold")
+
+    def fmt(params: list[dict]) -> str:
+        return "\n".join(f"{p['name']}={'required' if p['required'] else p['default']}" for p in params) or "-"
+
+    for d in described:
+        table.add_row(
+            d["name"],
+            d["family"],
+            d["base_model"],
+            fmt(d["parameters"]),
+            fmt(d["model_parameters"]),
+            "yes" if d["streams_in_chunks"] else f"no: {d['memory']}",
+            d["paper"],
+        )
+    out.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.command()(merge)
+    app.command()(inspect)
+    app.command()(strategies)

@@ -49,6 +49,8 @@ class OutputTensor:
     models: tuple[int, ...] | None = None
     method: str | None = None
     params: ParamFn | None = None
+    #: Per-model input names when they differ (layer_range slices), aligned with ``models``.
+    model_source_names: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -67,10 +69,14 @@ class MergeJob:
     max_shard_size: int = 5 * 1000**3
     overwrite: bool = False
     allow_nonfinite: bool = False
-    #: Folder whose config/tokenizer files are copied next to the weights.
-    config_from: Path | None = None
-    #: Extra files written into the output (name -> bytes), e.g. provenance.
+    #: Non-tensor files copied into the output (output name -> source path):
+    #: config.json, generation_config.json, tokenizer files of the base.
+    files: Mapping[str, Path] = field(default_factory=dict)
+    #: Extra files written into the output (name -> bytes).
     extra_files: Mapping[str, bytes] = field(default_factory=dict)
+    #: Called with {file name: sha256} of everything written, just before the
+    #: output is renamed into place; returns more files to add (provenance).
+    finalize: Callable[[dict[str, str]], Mapping[str, bytes]] | None = None
     #: Explicit output tensors (passthrough slices); None = every base tensor.
     tensors: list[OutputTensor] | None = None
     #: Row-chunk size override for tests (rows); None = from memory_limit.

@@ -1,0 +1,194 @@
+"""Write a sharded safetensors model whose layout is fixed before any tensor is computed.
+
+Every output tensor's dtype and shape is known from the plan, so the shard
+files, their headers and every tensor's byte offset are decided up front.
+Tensors (or row chunks of them) are then written with ``os.pwrite`` as they
+finish, in any order and from any thread: memory stays at one chunk, and the
+bytes do not depend on scheduling. The ``safetensors`` library cannot do this
+(it serialises whole in-memory dicts), hence this small writer; its output is
+read back with ``safetensors`` in the tests.
+
+Everything goes into a temporary folder beside the destination, which is
+renamed into place only when complete (see :class:`AtomicOutput`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from convergent.checkpoint.safetensors_file import DTYPE_NAMES
+from convergent.checkpoint.source import TensorInfo
+from convergent.determinism import row_numel
+from convergent.errors import OutputError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one tensor lives in the output."""
+
+    file: str
+    offset: int  # absolute byte offset in the file
+    info: TensorInfo
+
+
+def _shard_groups(tensors: list[tuple[str, TensorInfo]], max_shard_size: int) -> list[list[tuple[str, TensorInfo]]]:
+    groups: list[list[tuple[str, TensorInfo]]] = [[]]
+    size = 0
+    for name, info in tensors:
+        if groups[-1] and size + info.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, info))
+        size += info.nbytes
+    return groups
+
+
+def _header(group: list[tuple[str, TensorInfo]]) -> tuple[bytes, dict[str, int]]:
+    # Largest itemsize first keeps every tensor aligned to its element size.
+    ordered = sorted(group, key=lambda item: (-item[1].dtype.itemsize, item[0]))
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for name, info in ordered:
+        header[name] = {
+            "dtype": DTYPE_NAMES[info.dtype],
+            "shape": list(info.shape),
+            "data_offsets": [pos, pos + info.nbytes],
+        }
+        offsets[name] = pos
+        pos += info.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, offsets
+
+
+class ShardedWriter:
+    """Pre-planned sharded safetensors output inside ``folder``."""
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: Iterable[tuple[str, TensorInfo]],
+        max_shard_size: int,
+        prefix: str = "model",
+    ):
+        items = sorted(tensors, key=lambda item: item[0])
+        groups = _shard_groups(items, max_shard_size)
+        count = len(groups)
+        self.placements: dict[str, Placement] = {}
+        self.file_names: list[str] = []
+        self._fds: dict[str, int] = {}
+        self.folder = folder
+        weight_map = {}
+        for i, group in enumerate(groups, start=1):
+            fname = f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i:05d}-of-{count:05d}.safetensors"
+            head, offsets = _header(group)
+            fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[fname] = fd
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + sum(info.nbytes for _, info in group))
+            for name, info in group:
+                self.placements[name] = Placement(fname, len(head) + offsets[name], info)
+                weight_map[name] = fname
+            self.file_names.append(fname)
+        self.total_size = sum(info.nbytes for _, info in items)
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            self.file_names.append(f"{prefix}.safetensors.index.json")
+
+    def write(self, name: str, tensor: torch.Tensor, row_start: int = 0) -> None:
+        """Write ``tensor`` (already in the output dtype) as rows from ``row_start`` of ``name``."""
+        place = self.placements[name]
+        if tensor.dtype != place.info.dtype:
+            raise TypeError(f"{name}: writing {tensor.dtype}, planned {place.info.dtype}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        offset = place.offset + row_start * row_numel(place.info.shape) * place.info.dtype.itemsize
+        view = memoryview(data)
+        fd = self._fds[place.file]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+    def close(self, sync: bool = True) -> None:
+        for fd in self._fds.values():
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+        self._fds = {}
+
+
+def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class AtomicOutput:
+    """A temporary folder that becomes ``dest`` only on :meth:`commit`.
+
+    An existing ``dest`` is refused unless ``overwrite``; with it, the old
+    folder is replaced only after the new one is complete. Any failure
+    removes the temporary folder and leaves ``dest`` as it was.
+    """
+
+    def __init__(self, dest: Path, overwrite: bool):
+        self.dest = Path(dest)
+        self.overwrite = overwrite
+        self.check()
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.dest.parent / f".{self.dest.name}.partial-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
+
+    def check(self) -> None:
+        if self.dest.exists() and not self.overwrite:
+            if self.dest.is_dir() and not any(self.dest.iterdir()):
+                return
+            raise OutputError(f"{self.dest} already exists", "choose another output folder or pass --overwrite")
+        if self.dest.exists() and not self.dest.is_dir():
+            raise OutputError(f"{self.dest} exists and is not a folder", "choose another output path")
+
+    def commit(self) -> None:
+        self.check()
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(self.dest, old)
+        os.replace(self.tmp, self.dest)
+        _fsync_dir(self.dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> AtomicOutput:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
