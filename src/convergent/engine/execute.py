@@ -12,7 +12,9 @@ thread count and chunk size.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import re
 import shutil
 import threading
@@ -36,6 +38,9 @@ LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 #: float32 working copies per input plus the accumulator, output and a temporary.
 _WORKSPACE = 3
+#: Elements per input in one streamed chunk (16 MB of float32): small enough that
+#: the allocator recycles buffers instead of page-faulting fresh ones every time.
+CHUNK_ELEMENTS = 4 << 20
 
 
 def layer_of(name: str) -> int | None:
@@ -61,8 +66,14 @@ class TensorPlan:
     model_params: tuple[ModelParams, ...]
     layer: int | None
     num_layers: int | None
+    #: "copy" (non-float), "whole" (held and applied whole), "hold" (held whole for
+    #: prepare, applied in chunks) or "stream" (read, merged, written chunk by chunk).
+    mode: str
     chunk_rows: int
-    copy_only: bool
+
+    @property
+    def copy_only(self) -> bool:
+        return self.mode == "copy"
 
     @property
     def n_inputs(self) -> int:
@@ -71,8 +82,12 @@ class TensorPlan:
     @property
     def need_bytes(self) -> int:
         rows = determinism.num_rows(self.info.shape)
-        per_row = determinism.row_numel(self.info.shape) * 4 * (self.n_inputs + _WORKSPACE)
-        return per_row * min(rows, self.chunk_rows)
+        per_row = determinism.row_numel(self.info.shape) * 4
+        if self.mode == "stream":
+            return per_row * min(rows, self.chunk_rows) * (self.n_inputs + _WORKSPACE)
+        if self.mode == "hold":
+            return per_row * (rows * self.n_inputs + min(rows, self.chunk_rows) * _WORKSPACE)
+        return per_row * rows * (self.n_inputs + _WORKSPACE)
 
 
 class _ByteBudget:
@@ -195,8 +210,7 @@ def plan_merge(job: MergeJob) -> list[TensorPlan]:
                 model_params=model_params,
                 layer=layer,
                 num_layers=num_layers,
-                chunk_rows=_chunk_rows(job, info, len(models) + (base is not None), strat),
-                copy_only=not info.dtype.is_floating_point,
+                **_layout(job, info, len(models) + (base is not None), strat),
             )
         )
     return plans
@@ -264,17 +278,28 @@ def _check_tensor(
     return infos[0]
 
 
-def _chunk_rows(job: MergeJob, info: TensorInfo, n_inputs: int, strat: Strategy) -> int:
+def _layout(job: MergeJob, info: TensorInfo, n_inputs: int, strat: Strategy) -> dict[str, Any]:
+    """How a tensor is processed (mode) and in how many rows per chunk."""
     rows = determinism.num_rows(info.shape)
+    if not info.dtype.is_floating_point:
+        return {"mode": "copy", "chunk_rows": rows}
     if not strat.chunkable:
-        return rows
+        return {"mode": "whole", "chunk_rows": rows}
     block = determinism.block_rows(info.shape)
+    per_row = determinism.row_numel(info.shape)
+    per_worker = job.memory_limit // max(1, job.threads)
     if job.chunk_rows is not None:
         wanted = job.chunk_rows
     else:
-        per_worker = job.memory_limit // max(1, job.threads)
-        wanted = per_worker // (determinism.row_numel(info.shape) * 4 * (n_inputs + _WORKSPACE))
-    return min(rows, max(block, wanted // block * block))
+        wanted = min(CHUNK_ELEMENTS // per_row, per_worker // (per_row * 4 * (n_inputs + _WORKSPACE)))
+    chunk = min(rows, max(block, wanted // block * block))
+    if chunk >= rows:
+        return {"mode": "whole", "chunk_rows": rows}
+    # Strategies with whole-tensor statistics read their inputs once when they fit.
+    held = rows * per_row * 4 * n_inputs
+    if strat.prepare is not None and held <= per_worker and job.chunk_rows is None:
+        return {"mode": "hold", "chunk_rows": chunk}
+    return {"mode": "stream", "chunk_rows": chunk}
 
 
 class _Executor:
@@ -292,7 +317,8 @@ class _Executor:
         if plan.copy_only:
             return raw
         value = raw.to(torch.float32)
-        if not self.job.allow_nonfinite and not bool(torch.isfinite(value).all()):
+        # A float32 sum is non-finite whenever an element is; confirm exactly only then.
+        if not self.job.allow_nonfinite and not math.isfinite(float(value.sum())) and not torch.isfinite(value).all():
             raise MergeInputError(
                 f"tensor '{name}' in {src.label} contains NaN or Inf",
                 "fix the checkpoint, or pass --allow-nonfinite to merge anyway",
@@ -307,12 +333,12 @@ class _Executor:
 
     def run_one(self, plan: TensorPlan) -> None:
         with self.budget.hold(plan.need_bytes):
-            if plan.copy_only:
+            if plan.mode == "copy":
                 self._copy(plan)
-            elif plan.chunk_rows >= determinism.num_rows(plan.info.shape):
-                self._whole(plan)
+            elif plan.mode == "stream":
+                self._streamed(plan)
             else:
-                self._chunked(plan)
+                self._held(plan)
         with self._lock:
             self.done += plan.out.nbytes
             if self.job.progress:
@@ -342,9 +368,14 @@ class _Executor:
     def _key(self, plan: TensorPlan) -> bytes:
         return determinism.seed_key(self.job.seed, plan.name)
 
-    def _whole(self, plan: TensorPlan) -> None:
+    def _held(self, plan: TensorPlan) -> None:
+        """Inputs read whole once; results computed and written chunk by chunk."""
         base, models = self._read_inputs(plan, None)
-        out = run_strategy(
+
+        def sink(out: torch.Tensor, start: int) -> None:
+            self.writer.write(plan.name, out.to(plan.out.dtype), start)
+
+        run_strategy(
             plan.strategy,
             plan.name,
             plan.info.shape,
@@ -353,13 +384,15 @@ class _Executor:
             plan.params,
             plan.model_params,
             self._key(plan),
+            chunk_rows=plan.chunk_rows,
             layer=plan.layer,
             num_layers=plan.num_layers,
             extras=self._load_stats(plan, None),
+            sink=sink,
         )
-        self.writer.write(plan.name, out.to(plan.out.dtype))
 
-    def _chunked(self, plan: TensorPlan) -> None:
+    def _streamed(self, plan: TensorPlan) -> None:
+        """Inputs read, merged and written one chunk of rows at a time."""
         strat = plan.strategy
         key = self._key(plan)
 
@@ -407,6 +440,23 @@ class _Executor:
                     raise f.exception()  # type: ignore[misc]
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc to recycle freed chunk buffers instead of returning them to the OS.
+
+    Every chunk allocates and frees tens of MB; with glibc's defaults each new
+    buffer is a fresh mmap that page-faults on first touch, which costs more
+    than the arithmetic. Raising the mmap and trim thresholds keeps them in the
+    heap (the peak working set is bounded by the memory budget anyway).
+    No-op elsewhere than glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 @contextmanager
 def _single_threaded_torch():
     before = torch.get_num_threads()
@@ -421,6 +471,7 @@ def run_merge(job: MergeJob, hash_outputs: bool = True) -> MergeResult:
     """Plan, execute and atomically write ``job``; returns the files written with sha256."""
     started = time.perf_counter()
     plans = plan_merge(job)
+    _keep_freed_memory()
     with AtomicOutput(job.out_dir, job.overwrite) as output:
         writer = ShardedWriter(output.tmp, [(p.name, p.out) for p in plans], job.max_shard_size)
         try:

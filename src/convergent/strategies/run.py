@@ -6,7 +6,7 @@ check each strategy against a reference and to prove chunk invariance.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,7 +36,9 @@ def validate_params(strat: Strategy, params: Mapping[str, Any] | Params | None) 
     return _build(strat, strat.params, dict(params or {}), "parameter")
 
 
-def validate_model_params(strat: Strategy, params: Mapping[str, Any] | ModelParams | None, model: str = "") -> ModelParams:
+def validate_model_params(
+    strat: Strategy, params: Mapping[str, Any] | ModelParams | None, model: str = ""
+) -> ModelParams:
     """Build the strategy's typed per-model parameters, naming any bad field."""
     if isinstance(params, strat.model_params):
         return params
@@ -132,8 +134,18 @@ def merge_tensors(
     shape = tuple(models32[0].shape) if models32 else tuple(base32.shape)  # type: ignore[union-attr]
     key = determinism.seed_key(seed, name)
     return run_strategy(
-        strat, name, shape, base32, models32, gp, mps, key,
-        chunk_rows=chunk_rows, layer=layer, num_layers=num_layers, extras=extras,
+        strat,
+        name,
+        shape,
+        base32,
+        models32,
+        gp,
+        mps,
+        key,
+        chunk_rows=chunk_rows,
+        layer=layer,
+        num_layers=num_layers,
+        extras=extras,
     )
 
 
@@ -151,16 +163,30 @@ def run_strategy(
     layer: int | None = None,
     num_layers: int | None = None,
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
-) -> torch.Tensor:
-    """Apply ``strat`` to float32 tensors in memory (whole, or chunked)."""
+    sink: Callable[[torch.Tensor, int], None] | None = None,
+) -> torch.Tensor | None:
+    """Apply ``strat`` to float32 tensors in memory, whole or chunk by chunk.
+
+    With ``sink``, each chunk's result is handed to ``sink(out, row_start)``
+    as soon as it is computed (and None is returned), so only one chunk of
+    output exists at a time; otherwise the full result is returned.
+    """
     total = determinism.num_rows(shape)
     extras = extras or {}
 
     def load(start: int, stop: int) -> TensorTask[Any, Any]:
         return make_task(
-            strat, name, shape, (start, stop), _rows(base, start, stop),
-            [_rows(m, start, stop) for m in models], params, model_params, key,
-            layer, num_layers,
+            strat,
+            name,
+            shape,
+            (start, stop),
+            _rows(base, start, stop),
+            [_rows(m, start, stop) for m in models],
+            params,
+            model_params,
+            key,
+            layer,
+            num_layers,
             # Row-aligned statistics are sliced with the rows; others (Gram
             # matrices) only reach whole-tensor strategies and stay whole.
             {k: [_rows(t, start, stop) if strat.chunkable else t for t in v] for k, v in extras.items()},
@@ -170,15 +196,27 @@ def run_strategy(
     if strat.prepare is not None:
         prepared = strat.prepare(TensorBlocks(name, shape, params, tuple(model_params), load))
     if not strat.chunkable or chunk_rows is None or chunk_rows >= total:
-        out = strat.apply(load(0, total), prepared)
-        return _check_output(strat, name, out, shape)
-    step = determinism.block_rows(shape)
-    step = max(step, (chunk_rows + step - 1) // step * step)
-    parts = [strat.apply(load(s, min(total, s + step)), prepared) for s in range(0, total, step)]
-    return _check_output(strat, name, torch.cat(parts, dim=0), shape)
+        ranges = [(0, total)]
+    else:
+        step = determinism.block_rows(shape)
+        step = max(step, (chunk_rows + step - 1) // step * step)
+        ranges = [(s, min(total, s + step)) for s in range(0, total, step)]
+    parts = []
+    for start, stop in ranges:
+        out = _check_output(strat, name, strat.apply(load(start, stop), prepared), (stop - start, *shape[1:]), shape)
+        if sink is not None:
+            sink(out, start)
+        else:
+            parts.append(out)
+    if sink is not None:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-def _check_output(strat: Strategy, name: str, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    if tuple(out.shape) != shape:
-        raise RuntimeError(f"strategy {strat.name} returned shape {tuple(out.shape)} for {name}, expected {shape}")
+def _check_output(
+    strat: Strategy, name: str, out: torch.Tensor, chunk_shape: tuple[int, ...], shape: tuple[int, ...]
+) -> torch.Tensor:
+    expected = chunk_shape if shape else ()
+    if tuple(out.shape) != expected:
+        raise RuntimeError(f"strategy {strat.name} returned shape {tuple(out.shape)} for {name}, expected {expected}")
     return out.to(torch.float32)
