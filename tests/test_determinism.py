@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convergent import determinism
+from convergent.strategies import reduce
 from convergent.strategies.reduce import kth_largest, kth_smallest
 
 
@@ -37,7 +39,16 @@ def test_draws_depend_on_seed_name_and_purpose():
     k_frac=st.floats(0, 1),
     chunk=st.integers(1, 50),
 )
-def test_kth_largest_is_exact_topk(values, k_frac, chunk):
+@pytest.mark.parametrize("in_memory_limit", [1 << 24, 0], ids=["gathered", "radix"])
+def test_kth_largest_is_exact_topk(values, k_frac, chunk, in_memory_limit):
+    saved, reduce.IN_MEMORY_SELECT = reduce.IN_MEMORY_SELECT, in_memory_limit
+    try:
+        check_kth(values, k_frac, chunk)
+    finally:
+        reduce.IN_MEMORY_SELECT = saved
+
+
+def check_kth(values, k_frac, chunk):
     x = torch.tensor(values, dtype=torch.float32)
     k = 1 + int(k_frac * (len(values) - 1))
     expected = float(torch.topk(x, k).values[-1])

@@ -11,6 +11,9 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 _HIGH = 1 << 16
+#: Up to this many values, selection gathers them and uses torch.kthvalue (exact, fast);
+#: beyond it, a two-pass radix select keeps memory at one chunk.
+IN_MEMORY_SELECT = 1 << 24
 
 
 def _keys(values: torch.Tensor) -> torch.Tensor:
@@ -35,6 +38,23 @@ def kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
     """
     if k < 1:
         raise ValueError("k must be >= 1")
+    gathered: list[torch.Tensor] = []
+    size = 0
+    for chunk in chunks():
+        size += chunk.numel()
+        if size > IN_MEMORY_SELECT:
+            gathered = []
+            break
+        gathered.append(chunk.reshape(-1).to(torch.float32))
+    if gathered or size == 0:
+        if k > size:
+            raise ValueError(f"k={k} exceeds the number of values ({size})")
+        flat = torch.cat(gathered) if len(gathered) > 1 else gathered[0]
+        return float(torch.kthvalue(flat, size - k + 1).values)
+    return _radix_kth_largest(chunks, k)
+
+
+def _radix_kth_largest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
     high_counts = torch.zeros(_HIGH, dtype=torch.int64)
     total = 0
     for chunk in chunks():
@@ -91,7 +111,7 @@ def top_fraction_threshold(chunks: Callable[[], Iterable[torch.Tensor]], numel: 
     returns +inf when nothing is kept. Values >= threshold are kept (ties at the
     threshold are all kept, which is deterministic where argsort is not).
     """
-    k = int(round(fraction * numel))
+    k = round(fraction * numel)
     if fraction > 0 and k == 0:
         k = 1
     if k <= 0:
