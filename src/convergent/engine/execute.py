@@ -195,6 +195,8 @@ def plan_merge(job: MergeJob) -> list[TensorPlan]:
             kind: [_holding(job.models[i].statistics.get(kind), n, names) for i, n in zip(model_ids, model_names)]
             for kind in strat.statistics
         }
+        if strat.chunkable:
+            _check_row_aligned(stats, model_names, info, [labels[i] for i in model_ids])
         plans.append(
             TensorPlan(
                 name=out.name,
@@ -214,6 +216,20 @@ def plan_merge(job: MergeJob) -> list[TensorPlan]:
             )
         )
     return plans
+
+
+def _check_row_aligned(
+    stats: dict[str, list[TensorSource | None]], names: list[str], info: TensorInfo, labels: list[str]
+) -> None:
+    """Statistics that stream with the rows of a weight must have exactly its shape."""
+    for kind, sources in stats.items():
+        for src, label, name in zip(sources, labels, names):
+            if src is not None and tuple(src.info(name).shape) != tuple(info.shape):
+                raise MergeInputError(
+                    f"{kind} statistics for tensor '{name}' of {label} have shape {list(src.info(name).shape)}, "
+                    f"the weight has {list(info.shape)}",
+                    "recompute the statistics for this checkpoint (convergent stats)",
+                )
 
 
 def _holding(src: TensorSource | None, name: str, names: _NameSets) -> TensorSource | None:
