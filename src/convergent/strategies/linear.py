@@ -17,7 +17,9 @@ class LinearModelParams(ModelParams):
     weight: float = Field(1.0, description="mixing weight of this model")
 
 
-def weighted_sum(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], weights: list[float], normalize: bool, name: str) -> torch.Tensor:
+def weighted_sum(
+    tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], weights: list[float], normalize: bool, name: str
+) -> torch.Tensor:
     """sum_i w_i x_i (divided by sum_i w_i when normalize), accumulated in order."""
     out = torch.zeros_like(tensors[0])
     for w, x in zip(weights, tensors):

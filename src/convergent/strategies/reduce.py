@@ -85,11 +85,34 @@ def kth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], k: int) -> float:
     return -kth_largest(lambda: (-c for c in chunks()), k)
 
 
+#: Width of the lanes summed sequentially before the lanes are added up.
+LANE = 1024
+
+
+def sum_last(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension in an order that does not depend on the thread count.
+
+    A plain ``x.sum()`` over a long dimension is split across threads, so its
+    last bit changes with ``torch.get_num_threads()``. Summing fixed 1024-wide
+    lanes (each by one thread) and then the lanes keeps the order fixed.
+    """
+    if x.dim() == 0:
+        return x
+    n = x.shape[-1]
+    if n > LANE:
+        whole = n - n % LANE
+        lanes = x[..., :whole].reshape(*x.shape[:-1], -1, LANE).sum(-1)
+        if whole < n:
+            lanes = torch.cat([lanes, x[..., whole:].sum(-1, keepdim=True)], dim=-1)
+        x = lanes
+    return x.sum(-1)
+
+
 def blocked_sum(values: Iterator[torch.Tensor] | Iterable[torch.Tensor]) -> float:
-    """Sum of all elements, each block reduced in float64, blocks added in order."""
+    """Sum of all elements, each block reduced in float64 in a fixed order, blocks added in order."""
     total = 0.0
     for block in values:
-        total += float(block.to(torch.float64).sum())
+        total += float(sum_last(block.to(torch.float64).reshape(-1)))
     return total
 
 
