@@ -197,3 +197,20 @@ def test_strategies_lists_parameters_json():
     assert {"linear", "passthrough"} <= set(listing)
     params = {p["name"]: p for p in listing["linear"]["parameters"]}
     assert params["normalize"]["default"] is True
+
+
+def test_unlisted_base_model_joins_methods_that_ignore_bases(tmp_path, llama_family):
+    """As in mergekit: karcher with an unlisted base_model averages the base in too."""
+    from convergent.strategies import merge_tensors
+
+    base, tuned = llama_family
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {"merge_method": "karcher", "base_model": str(base), "models": [{"model": str(p)} for p in tuned[:2]],
+         "dtype": "float32"},
+    )
+    merge_cli(recipe, tmp_path / "out")
+    name = "model.layers.1.mlp.gate_proj.weight"
+    inputs = [load_all(p)[name] for p in [*tuned[:2], base]]
+    expected = merge_tensors("karcher", inputs)
+    torch.testing.assert_close(load_all(tmp_path / "out")[name], expected, rtol=0, atol=0)

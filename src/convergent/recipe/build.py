@@ -21,7 +21,7 @@ from convergent.checkpoint.reader import Checkpoint, open_checkpoint
 from convergent.engine.execute import LAYER_PATTERN, layer_of
 from convergent.engine.job import MergeJob, ModelInput, OutputTensor
 from convergent.errors import CheckpointError, RecipeError
-from convergent.recipe.schema import Recipe
+from convergent.recipe.schema import InputModel, Recipe
 from convergent.recipe.settings import evaluate_all
 from convergent.strategies.run import get_strategy
 
@@ -128,6 +128,9 @@ def _from_models(recipe, base_role, models: _Models, top, out_dir, dtype, option
     base_ref = recipe.base_model
     base = models.open(base_ref) if base_ref else None
     entries = [m for m in recipe.models if not (base_ref and base_role != "none" and m.model == base_ref)]
+    if base_ref and base_role == "none" and all(m.model != base_ref for m in recipe.models):
+        # mergekit appends an unlisted base_model as one more input of methods that ignore bases.
+        entries.append(InputModel(model=base_ref))
     if not entries:
         raise RecipeError("the recipe lists no models besides the base model", "add the models to merge under models:")
     reference = base if (base is not None and base_role != "none") else models.open(entries[0].model)
