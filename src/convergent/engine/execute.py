@@ -333,8 +333,10 @@ class _Executor:
         if plan.copy_only:
             return raw
         value = raw.to(torch.float32)
-        # A float32 sum is non-finite whenever an element is; confirm exactly only then.
-        if not self.job.allow_nonfinite and not math.isfinite(float(value.sum())) and not torch.isfinite(value).all():
+        # A sum is non-finite whenever an element is; confirm exactly only then. bfloat16
+        # sums are cheapest and share float32's range (float16 sums would overflow).
+        probe = raw if raw.dtype == torch.bfloat16 else value
+        if not self.job.allow_nonfinite and not math.isfinite(float(probe.sum())) and not torch.isfinite(value).all():
             raise MergeInputError(
                 f"tensor '{name}' in {src.label} contains NaN or Inf",
                 "fix the checkpoint, or pass --allow-nonfinite to merge anyway",

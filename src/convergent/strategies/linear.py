@@ -21,8 +21,8 @@ def weighted_sum(
     tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], weights: list[float], normalize: bool, name: str
 ) -> torch.Tensor:
     """sum_i w_i x_i (divided by sum_i w_i when normalize), accumulated in order."""
-    out = torch.zeros_like(tensors[0])
-    for w, x in zip(weights, tensors):
+    out = tensors[0] * weights[0]
+    for w, x in zip(weights[1:], tensors[1:]):
         out.add_(x, alpha=w)
     if normalize:
         total = sum(weights)
