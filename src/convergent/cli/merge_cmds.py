@@ -86,6 +86,17 @@ def inspect(
     out.print(f"{len(rows)} tensors, {total:,} parameters, {ckpt.nbytes / 1e6:.1f} MB")
 
 
+#: Methods that are whole procedures over models and data, not per-tensor strategies.
+PROCEDURES = [
+    ("ada_merging", "convergent adamerge", "Yang et al. 2023, AdaMerging (arXiv:2310.02575)"),
+    ("fw_merging", "convergent fw-merge", "Chen et al. 2025, Frank-Wolfe Merging (arXiv:2503.12649)"),
+    ("representation_surgery", "convergent surgery", "Yang et al. 2024, Representation Surgery (arXiv:2402.02705)"),
+    ("evolutionary (CMA-ES) / genetic search", "convergent search", "Akiba et al. 2024, Evolutionary model merge"),
+    ("LoRA: linear/ties/dare on delta W, cat, svd", "convergent lora merge", "PEFT add_weighted_adapter semantics"),
+    ("LoRA fold into base", "convergent lora fold", "Hu et al. 2021, LoRA (arXiv:2106.09685)"),
+]
+
+
 def strategies(
     name: str = typer.Argument(None, help="show one strategy in detail"),
     family: str = typer.Option(None, help="only this family (mergekit, task-vector, federated, ...)"),
@@ -101,8 +112,33 @@ def strategies(
     if json_out:
         emit_json(described)
         return
-    table = Table(title="merge strategies", show_lines=True)
-    for col in ("name", "family", "base", "parameters (default)", "per-model", "streams", "paper"):
+    if not name:
+        _print_table(described)
+        procedures = Table(title="procedures (whole-model methods, run as their own commands)")
+        for col in ("method", "command", "paper"):
+            procedures.add_column(col, overflow="fold")
+        for row in PROCEDURES:
+            procedures.add_row(*row)
+        out.print(procedures)
+        return
+    _print_detail(described[0])
+
+
+def _print_detail(d: dict) -> None:
+    out.print(f"[bold]{d['name']}[/bold] ({d['family']}): {d['summary']}")
+    out.print(f"paper: {d['paper']}")
+    out.print(f"base_model: {d['base_model']}; models: {d['min_models']}..{d['max_models'] or 'any'}")
+    out.print(f"streams in chunks: {'yes' if d['streams_in_chunks'] else 'no'} ({d['memory']})")
+    for title, params in (("parameters", d["parameters"]), ("per-model parameters", d["model_parameters"])):
+        out.print(f"{title}:")
+        for p in params or [{"name": "none", "type": "", "default": "", "required": False, "description": ""}]:
+            default = "required" if p["required"] else p["default"]
+            out.print(f"  {p['name']} ({p['type']}, default {default}): {p['description']}")
+
+
+def _print_table(described: list[dict]) -> None:
+    table = Table(title="merge strategies (convergent strategies NAME for details and papers)", show_lines=True)
+    for col in ("name", "family", "base", "parameters (default)", "per-model", "streams"):
         table.add_column(col, overflow="fold")
 
     def fmt(params: list[dict]) -> str:
@@ -116,7 +152,6 @@ def strategies(
             fmt(d["parameters"]),
             fmt(d["model_parameters"]),
             "yes" if d["streams_in_chunks"] else f"no: {d['memory']}",
-            d["paper"],
         )
     out.print(table)
 
