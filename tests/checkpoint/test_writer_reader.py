@@ -63,7 +63,7 @@ def test_written_files_read_back_exactly_in_any_write_order(tmp_path_factory, sp
     seen = {}
     for fname in files:
         with safe_open(folder / fname, framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 seen[key] = f.get_tensor(key)
     assert set(seen) == set(tensors)
     for name, t in tensors.items():

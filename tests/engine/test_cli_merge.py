@@ -38,7 +38,7 @@ def load_all(folder: Path) -> dict[str, torch.Tensor]:
 def test_linear_llama_loads_and_matches_reference(tmp_path, llama_family):
     from transformers import AutoModelForCausalLM
 
-    base, tuned = llama_family
+    _base, tuned = llama_family
     weights = [1.0, 2.0, 3.0]
     recipe = write_recipe(
         tmp_path / "r.yaml",
@@ -97,7 +97,7 @@ def test_recipe_gradient_and_filter_parameters(tmp_path, llama_family):
 def test_other_architectures_load(tmp_path, family, request):
     from transformers import AutoModel
 
-    base, tuned = request.getfixturevalue(family)
+    _base, tuned = request.getfixturevalue(family)
     recipe = write_recipe(
         tmp_path / "r.yaml",
         {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in tuned]},

@@ -1,0 +1,788 @@
+"""Generalized task arithmetic: mergekit's task_arithmetic, TIES, DARE, breadcrumbs, DELLA family.
+
+Every method of the family is the same pipeline over task vectors
+``delta_i = model_i - base`` (mergekit 0.1.5, ``GeneralizedTaskArithmeticMerge``):
+
+1. sparsify each ``delta_i`` (magnitude top-k for TIES, random drop for DARE,
+   magnitude band for breadcrumbs, rank-dependent random drop for DELLA), and
+   with ``rescale`` multiply the survivors by ``sum|delta_i| / sum|kept_i|``
+   (mergekit's L1 rescaling, over the whole tensor);
+2. multiply by ``weight``;
+3. with sign consensus (TIES-style methods) keep, per element, only the
+   deltas whose sign is the majority sign (sign of the sum of the weighted
+   deltas, or of the count of signs with ``consensus_method: count``);
+4. sum; with ``normalize`` divide by the sum of the weights (of the agreeing
+   models under consensus; 1 where that is 0); multiply by ``lambda``; add the
+   base.
+
+Whole-tensor statistics (top-k thresholds, L1 sums) are computed in
+``prepare`` from fixed blocks: thresholds with an exact two-pass radix select
+on the float32 bit patterns of ``|delta|`` (all models in the same two
+passes; a third pass only with ``rescale``), sums in float64 over fixed
+pieces added in order. ``apply`` is then elementwise (row-local for DELLA),
+so a tensor merged whole or in row chunks, on any number of threads, gives
+the same bytes. Random draws come from ``task.uniform(f"dare/{i}")`` /
+``task.uniform(f"della/{i}")`` (model i, chunk-invariant).
+
+Parameters are mergekit's, with its per-method defaults. Differences:
+``weight`` defaults to 1 (mergekit requires it), ``int8_mask`` is accepted
+and changes nothing (it only saves memory in mergekit), and the consensus
+methods also take ``consensus_method: count`` (mergekit always uses ``sum``).
+
+Ties at a selection boundary: like mergekit, exactly ``k`` elements are kept
+(bf16 checkpoints have many equal magnitudes, so this matters). mergekit picks
+among equal magnitudes in ``argsort`` order, which is unspecified; here the
+first ones in flat (row-major) order over the whole tensor are kept, which is
+deterministic and chunk-invariant: the second radix pass also counts, block
+by block, the elements equal to each threshold, so a chunk knows how many
+tied elements precede it.
+
+This module holds the shared pipeline and registers ``task_arithmetic``; the
+sparsifying methods live in ``ties``, ``dare``, ``breadcrumbs`` and ``della``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, create_model
+from torch import Tensor
+
+from convergent import determinism
+from convergent.strategies.api import ModelParams, Params, TensorBlocks, TensorTask, strategy
+
+FAMILY = "mergekit"
+RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling below this L1 norm
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+class GtaModelParams(ModelParams):
+    """Per-model parameters shared by the family (mergekit's non-base parameters)."""
+
+    weight: float = Field(
+        1.0,
+        description="multiplier of this model's task vector (required by mergekit; defaults to 1 here, as for linear)",
+    )
+    density: float = Field(
+        1.0, description="fraction of the task vector's elements kept by sparsification (1 keeps all)"
+    )
+
+
+class _GtaBaseParams(Params):
+    int8_mask: bool = Field(
+        False, description="store the sign-consensus mask as int8 to save memory (no effect on the result)"
+    )
+
+
+def gta_params(name: str, *, normalize: bool, rescale: bool, consensus: bool) -> type[Params]:
+    """The global parameter class of one method (mergekit's names, that method's defaults)."""
+    fields: dict[str, Any] = {
+        "normalize": (
+            bool,
+            Field(normalize, description="divide the summed deltas by the sum of the (agreeing) models' weights"),
+        ),
+        "rescale": (
+            bool,
+            Field(rescale, description="after sparsifying, rescale each task vector to its original L1 norm"),
+        ),
+        "lambda": (float, Field(1.0, description="scaling factor applied to the merged task vector")),
+    }
+    if consensus:
+        fields["consensus_method"] = (
+            Literal["sum", "count"],
+            Field(
+                "sum",
+                description="majority sign per element: sign of the summed deltas (TIES paper) or of the "
+                "count of signs (convergent extension; mergekit always uses sum)",
+            ),
+        )
+    return create_model(name, __base__=_GtaBaseParams, **fields)
+
+
+def lam(params: Params) -> float:
+    return float(getattr(params, "lambda"))
+
+
+# --------------------------------------------------------------------------- float32 bits
+
+
+def f32_bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def bits_f32(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def below(threshold: float) -> float:
+    """The largest float32 strictly below a non-negative float32 ``threshold``.
+
+    ``hardshrink(x, below(t))`` keeps exactly the elements with ``|x| >= t``.
+    """
+    if threshold > 0:
+        return bits_f32(f32_bits(threshold) - 1)
+    return -bits_f32(1)  # any negative value: hardshrink then keeps everything
+
+
+def keep_at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zero, in place, the elements with ``|x| < threshold`` (one fused pass)."""
+    return torch.hardshrink(x, below(threshold), out=x)
+
+
+def keep_at_most(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zero, in place, the elements with ``|x| > threshold``."""
+    return x.sub_(torch.hardshrink(x, threshold))
+
+
+# --------------------------------------------------------------------------- exact order statistics
+
+_HIGH = 1 << 15  # |x| has a clear sign bit: the top 16 bits take 2**15 values
+_LOW = 1 << 16
+_FINITE_HIGH = 0x7F80  # buckets from here on hold inf and NaN
+
+
+def _in_bucket(magnitudes: np.ndarray, high: int) -> np.ndarray:
+    """Bit patterns of the elements of ``magnitudes`` (float32 >= 0) whose top 16 bits are ``high``."""
+    if high < _FINITE_HIGH:
+        lo, hi = np.float32(bits_f32(high << 16)), np.float32(bits_f32((high + 1) << 16))
+        inside = magnitudes >= lo
+        inside &= magnitudes < hi
+    else:
+        inside = (magnitudes.view(np.int32) >> 16) == high
+    return magnitudes[inside].view(np.int32)
+
+
+#: a stream of values for the order statistics: called once per block, returns
+#: ``piece(i, start, stop, out)`` giving stream i's flat elements [start, stop)
+#: of the block (written to ``out`` or a new tensor; the caller overwrites it).
+Streams = Callable[[TensorTask[Any, Any]], Callable[[int, int, int, Tensor], Tensor]]
+
+#: PyTorch runs an op on at most this many elements on one thread
+#: (``at::internal::GRAIN_SIZE``). Working in pieces of this size keeps the
+#: buffers in cache, makes every reduction independent of the thread count,
+#: and avoids OpenMP synchronisation per op, which is very slow when the
+#: machine is oversubscribed (the engine already runs tensors in parallel).
+GRAIN = 1 << 15
+
+#: elements per piece of a block in the statistics passes.
+STAT_PIECE = GRAIN
+
+
+def delta_streams(blk: TensorTask[Any, Any]) -> Callable[[int, int, int, Tensor], Tensor]:
+    """Streams of the task vectors ``model_i - base`` of a block."""
+    assert blk.base is not None
+    base = blk.base.reshape(-1)
+    models = [m.reshape(-1) for m in blk.models]
+
+    def piece(i: int, start: int, stop: int, out: Tensor) -> Tensor:
+        return torch.sub(models[i][start:stop], base[start:stop], out=out)
+
+    return piece
+
+
+def _pieces(blk: TensorTask[Any, Any]) -> list[tuple[int, int]]:
+    total = blk.models[0].numel() if blk.models else 0
+    return [(s, min(total, s + STAT_PIECE)) for s in range(0, total, STAT_PIECE)]
+
+
+#: at most this many (value, count) pairs are kept per stream and bucket to
+#: count tied elements block by block in the second pass; beyond it (adversarial
+#: data) the counts come from one more pass.
+SUMMARY_CAP = 1 << 22
+
+
+@dataclass(frozen=True)
+class OrderStat:
+    """The k-th largest magnitude of a stream, and how many magnitudes are larger or equal."""
+
+    value: float
+    greater: int
+    equal: int
+    per_block: tuple[int, ...]  # elements equal to ``value``, block by block
+
+
+@dataclass(frozen=True)
+class TieClass:
+    """Of the elements of magnitude ``value``, only the first ``keep`` in flat order survive.
+
+    ``per_block`` counts them block by block, which locates the one block where
+    the cut falls: before it every tied element survives, after it none does,
+    so only that block needs an element-by-element look.
+    """
+
+    value: float
+    keep: int
+    per_block: tuple[int, ...]
+
+    def cursor(self, task: TensorTask[Any, Any]) -> TieCursor:
+        """A cursor for the chunk ``task`` (which starts on a block boundary), walked piece by piece in order."""
+        before = 0
+        cut = len(self.per_block)
+        for b, count in enumerate(self.per_block):
+            if before + count >= self.keep:
+                cut = b
+                break
+            before += count
+        row = determinism.row_numel(task.shape)
+        block = determinism.block_rows(task.shape) * row
+        total = determinism.num_rows(task.shape) * row
+        return TieCursor(
+            np.float32(self.value), self.keep - before, cut * block, min(total, (cut + 1) * block), task.rows[0] * row
+        )
+
+
+@dataclass
+class TieCursor:
+    """The tie rule inside one chunk: tied elements before ``cut_start`` survive, after ``cut_stop`` none do.
+
+    In between (the block where the cut falls), the first ``keep`` survive.
+    Offsets are flat positions in the whole tensor; ``offset`` is the chunk's.
+    """
+
+    value: np.float32
+    keep: int  # survivors wanted from cut_start on
+    cut_start: int
+    cut_stop: int
+    offset: int
+    seen: int = 0
+
+    def survive(self, start: int, stop: int) -> bool | None:
+        """For the chunk's piece [start, stop): True if all its tied elements survive, False if none, else None."""
+        if self.offset + stop <= self.cut_start:
+            return True
+        if self.offset + start >= self.cut_stop:
+            return False
+        return None
+
+    def trim(self, piece: Tensor, start: int) -> Tensor:
+        """Zero, in place, the tied elements of the piece (starting at ``start``) beyond the budget."""
+        skip = max(0, self.cut_start - (self.offset + start))
+        values = piece[skip:].numpy()
+        tied = np.flatnonzero(np.abs(values) == self.value)
+        if tied.size:
+            first = max(0, self.keep - self.seen)
+            if first < tied.size:
+                values[tied[first:]] = 0
+            self.seen += int(tied.size)
+        return piece
+
+
+def keep_top(x: Tensor, threshold: float, ties: TieCursor | None, start: int, stop: int) -> Tensor:
+    """Zero, in place, ``|x| < threshold``; of ``|x| == threshold`` keep what the tie rule says (all if None)."""
+    fate = True if ties is None else ties.survive(start, stop)
+    if fate is False:
+        return torch.hardshrink(x, threshold, out=x)  # |x| > threshold only
+    keep_at_least(x, threshold)
+    return x if fate else ties.trim(x, start)  # type: ignore[union-attr]
+
+
+def keep_bottom(x: Tensor, threshold: float, ties: TieCursor | None, start: int, stop: int) -> Tensor:
+    """Zero, in place, ``|x| > threshold``; of ``|x| == threshold`` keep what the tie rule says (all if None)."""
+    fate = True if ties is None else ties.survive(start, stop)
+    if fate is False:
+        return keep_at_most(x, below(threshold))  # |x| < threshold only
+    keep_at_most(x, threshold)
+    return x if fate else ties.trim(x, start)  # type: ignore[union-attr]
+
+
+def tie_class(stat: OrderStat, keep: int) -> TieClass | None:
+    """The rule keeping ``keep`` of the elements equal to ``stat.value``; None when all of them are kept.
+
+    Zero magnitudes need no rule: a zero delta contributes nothing either way.
+    """
+    if keep >= stat.equal or stat.value == 0:
+        return None
+    return TieClass(stat.value, max(0, keep), stat.per_block)
+
+
+class MagnitudeSelect:
+    """Exact order statistics of the magnitudes of several streams, two passes over the blocks.
+
+    A radix select on the float32 bit patterns (non-negative floats order like
+    their bits): the constructor makes the first pass, a histogram of the top
+    16 bits of every stream (and, with ``count_zeros``, the number of exact
+    zeros); :meth:`kth_largest` makes the second, a histogram of the low 16
+    bits inside the buckets holding the wanted ranks, which also yields how
+    many elements of each block equal the result. Memory stays at one block
+    (plus 2**15 + 2**16 counters per stream and bucket).
+    """
+
+    def __init__(self, blocks: TensorBlocks[Any, Any], streams: Streams, which: Sequence[int], count_zeros=False):
+        self.blocks = blocks
+        self.streams = streams
+        self.which = list(which)
+        self.hist = {i: torch.zeros(_HIGH, dtype=torch.int64) for i in self.which}
+        self.zeros = dict.fromkeys(self.which, 0)
+        scratch = torch.empty(STAT_PIECE)
+        keys: dict[int, Tensor] = {}
+        ones = torch.ones(0, dtype=torch.int64)
+        for blk in blocks.blocks():
+            piece = streams(blk)
+            pieces = _pieces(blk)
+            size = pieces[-1][1] if pieces else 0
+            for i in self.which:
+                if i not in keys or keys[i].numel() < size:
+                    keys[i] = torch.empty(size, dtype=torch.int64)
+            for start, stop in pieces:
+                for i in self.which:
+                    magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_()
+                    if count_zeros:
+                        self.zeros[i] += magnitudes.numel() - int(torch.count_nonzero(magnitudes))
+                    torch.bitwise_right_shift(magnitudes.view(torch.int32), 16, out=keys[i][start:stop])
+            if ones.numel() < size:
+                ones = torch.ones(size, dtype=torch.int64)
+            for i in self.which:
+                # scatter_add_ rather than bincount: bincount's min/max reductions run on
+                # several threads and stall badly when the machine is oversubscribed
+                self.hist[i].scatter_add_(0, keys[i][:size], ones[:size])
+
+    def kth_largest(self, wanted: Mapping[int, Sequence[int]]) -> dict[int, list[OrderStat]]:
+        """For each stream ``i`` and each ``k`` in ``wanted[i]`` (1-based): the k-th largest magnitude.
+
+        ``value`` equals ``torch.topk(|x|.flatten(), k).values[-1]`` over the whole tensor.
+        """
+        where: dict[int, list[tuple[int, int, int]]] = {}  # (bucket, rank inside it, count above it)
+        for i, ks in wanted.items():
+            if not ks:
+                continue
+            from_top = torch.flip(self.hist[i], dims=[0]).cumsum(0)
+            total = int(from_top[-1])
+            spots = []
+            for k in ks:
+                if not 1 <= k <= total:
+                    raise ValueError(f"k={k} outside 1..{total}")
+                pos = int(torch.searchsorted(from_top, torch.tensor([k]))[0])
+                above = int(from_top[pos - 1]) if pos > 0 else 0
+                spots.append((_HIGH - 1 - pos, k - above, above))
+            where[i] = spots
+        if not where:
+            return {}
+        buckets = {i: sorted({h for h, _, _ in spots}) for i, spots in where.items()}
+        keys = [(i, h) for i, hs in buckets.items() for h in hs]
+        low = {key: np.zeros(_LOW, dtype=np.int64) for key in keys}
+        # per block: the distinct low halves met in the bucket and their counts
+        summaries: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]] | None] = {key: [] for key in keys}
+        sizes = dict.fromkeys(keys, 0)
+        scratch = torch.empty(STAT_PIECE)
+        for blk in self.blocks.blocks():
+            piece = self.streams(blk)
+            found: dict[tuple[int, int], list[np.ndarray]] = {key: [] for key in keys}
+            for start, stop in _pieces(blk):
+                for i, hs in buckets.items():
+                    magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()
+                    for h in hs:
+                        found[(i, h)].append(_in_bucket(magnitudes, h) & 0xFFFF)
+            for key, parts in found.items():
+                selected = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+                if selected.size <= _LOW // 8:  # few: sort them
+                    distinct, counts = np.unique(selected, return_counts=True)
+                    low[key][distinct] += counts
+                else:  # many: count them
+                    full = np.bincount(selected, minlength=_LOW)
+                    low[key] += full
+                    distinct = np.flatnonzero(full)
+                    counts = full[distinct]
+                summary = summaries[key]
+                if summary is not None:
+                    sizes[key] += distinct.size
+                    summary.append((distinct, counts))
+                    if sizes[key] > SUMMARY_CAP:
+                        summaries[key] = None
+        out: dict[int, list[OrderStat]] = {}
+        recount: dict[int, list[float]] = {}
+        for i, spots in where.items():
+            stats = []
+            for h, r, above in spots:
+                from_top_low = np.cumsum(low[(i, h)][::-1])
+                pos = int(np.searchsorted(from_top_low, r))
+                lo = _LOW - 1 - pos
+                value = bits_f32((h << 16) | lo)
+                equal = int(low[(i, h)][lo])
+                greater = above + (int(from_top_low[pos - 1]) if pos > 0 else 0)
+                summary = summaries[(i, h)]
+                per_block: tuple[int, ...] = ()
+                if summary is not None:
+                    per_block = tuple(_count_of(distinct, counts, lo) for distinct, counts in summary)
+                elif equal > 1:
+                    recount.setdefault(i, []).append(value)
+                stats.append(OrderStat(value, greater, equal, per_block))
+            out[i] = stats
+        if recount:
+            counted = self._count_equal(recount)
+            out = {
+                i: [
+                    s
+                    if s.per_block or (i, s.value) not in counted
+                    else OrderStat(s.value, s.greater, s.equal, counted[(i, s.value)])
+                    for s in stats
+                ]
+                for i, stats in out.items()
+            }
+        return out
+
+    def _count_equal(self, values: Mapping[int, Sequence[float]]) -> dict[tuple[int, float], tuple[int, ...]]:
+        """One more pass: per block, how many magnitudes of stream i equal each value."""
+        counts: dict[tuple[int, float], list[int]] = {(i, v): [] for i, vs in values.items() for v in vs}
+        scratch = torch.empty(STAT_PIECE)
+        for blk in self.blocks.blocks():
+            piece = self.streams(blk)
+            block_counts = dict.fromkeys(counts, 0)
+            for start, stop in _pieces(blk):
+                for i, vs in values.items():
+                    magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()
+                    for v in vs:
+                        block_counts[(i, v)] += int(np.count_nonzero(magnitudes == np.float32(v)))
+            for key, c in block_counts.items():
+                counts[key].append(c)
+        return {key: tuple(c) for key, c in counts.items()}
+
+
+def _count_of(distinct: np.ndarray, counts: np.ndarray, value: int) -> int:
+    at = int(np.searchsorted(distinct, value))
+    return int(counts[at]) if at < distinct.size and distinct[at] == value else 0
+
+
+def kth_largest_abs_many(
+    blocks: TensorBlocks[Any, Any], streams: Streams, wanted: Mapping[int, Sequence[int]]
+) -> dict[int, list[OrderStat]]:
+    """For each stream ``i`` and each ``k`` in ``wanted[i]``: the k-th largest of its magnitudes (exact).
+
+    Every stream is handled in the same two passes over the blocks (see
+    :class:`MagnitudeSelect`); no pass when nothing is wanted.
+    """
+    wanted = {i: list(ks) for i, ks in wanted.items() if ks}
+    if not wanted:
+        return {}
+    return MagnitudeSelect(blocks, streams, list(wanted)).kth_largest(wanted)
+
+
+# --------------------------------------------------------------------------- sign consensus
+
+
+def _sum_into(out: Tensor, terms: Sequence[Tensor]) -> Tensor:
+    """``out = terms[0] + terms[1] + ...``, added in order."""
+    if len(terms) == 1:
+        return out.copy_(terms[0])
+    torch.add(terms[0], terms[1], out=out)
+    for t in terms[2:]:
+        out.add_(t)
+    return out
+
+
+def majority_sign(
+    deltas: Sequence[Tensor], method: str, out: Tensor | None = None, ones: Tensor | None = None
+) -> Tensor:
+    """+1 where the majority sign is positive or tied, -1 where negative.
+
+    ``sum``: sign of the summed deltas (TIES' elected sign, mergekit's
+    ``get_mask(method="sum")``); ``count``: sign of the number of positive
+    minus negative deltas. Written to ``out`` when given; ``ones`` is an
+    optional tensor of ones of the same size.
+    """
+    total = torch.empty_like(deltas[0]) if out is None else out
+    if method == "sum":
+        _sum_into(total, deltas)
+    elif method == "count":
+        torch.sign(deltas[0], out=total)
+        for d in deltas[1:]:
+            total.add_(torch.sign(d))
+    else:
+        raise ValueError(f"unknown consensus method {method!r}")
+    # +1 on ties (mergekit: sum >= 0). The sum is -0.0 only when every delta is
+    # +-0, and those elements take no delta whatever the sign.
+    return torch.copysign(torch.ones_like(total) if ones is None else ones, total, out=total)
+
+
+def consensus_sum(
+    deltas: Sequence[Tensor],
+    sign: Tensor,
+    weights: Sequence[float] | None,
+    acc: Tensor | None = None,
+    div: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(sum_i |delta_i| [agrees], sum_i w_i [agrees])``, delta_i agreeing when its sign is ``sign``.
+
+    The deltas are consumed (overwritten). ``delta_i * agree_i`` equals
+    ``sign * relu(delta_i * sign)`` exactly, so ``sign * first`` is mergekit's
+    ``(deltas * mask).sum(0)`` and ``second`` its divisor (None when
+    ``weights`` is None). ``acc``/``div`` are optional output buffers.
+    """
+    for d in deltas:
+        d.mul_(sign).clamp_(min=0)
+    acc = _sum_into(torch.empty_like(deltas[0]) if acc is None else acc, deltas)
+    if weights is None:
+        return acc, None
+    div = torch.empty_like(deltas[0]) if div is None else div
+    torch.mul(deltas[0].sign_(), weights[0], out=div)
+    for d, w in zip(deltas[1:], weights[1:]):
+        div.add_(d.sign_(), alpha=w)  # w * {0, 1}: exact, as mergekit's sum of weights * mask
+    return acc, div
+
+
+def fix_zero_divisor(div: Tensor, weights: Sequence[float]) -> Tensor:
+    """mergekit's ``divisor[divisor == 0] = 1``, in place.
+
+    With positive weights a zero divisor means no model agreed (the numerator
+    is 0 there), so raising it to the smallest weight (no non-zero divisor is
+    below it) gives the same quotient without a boolean pass.
+    """
+    if all(w > 0 for w in weights):
+        return div.clamp_(min=min(weights))
+    return div.masked_fill_(div == 0, 1.0)
+
+
+# --------------------------------------------------------------------------- sparsification
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What ``prepare`` learnt about one model's task vector."""
+
+    plan: Any = None  # from Sparsifier.plan (thresholds, tie rules)
+    extra: Any = None  # from Sparsifier.whole (DELLA's 1-D ranks)
+    scale: float | None = None  # float32 L1 rescaling factor, None for none
+
+
+class Sparsifier:
+    """How one task vector is thinned (mergekit's ``SparsificationMethod``).
+
+    ``sparsify`` sees flat pieces of the chunk, in order (the pipeline works
+    through a chunk in cache-sized pieces); what needs the chunk's rows or
+    random draws is computed once per chunk by ``context`` (for instance a flat
+    keep mask, which ``sparsify`` slices with ``start:stop``).
+    """
+
+    name: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = False
+
+    def active(self, mp: Any) -> bool:
+        """Whether this model's delta is sparsified at all (mergekit: density < 1)."""
+        return bool(mp.density < 1)
+
+    def ranks(self, numel: int, mp: Any) -> tuple[int, ...]:
+        """The k's (k-th largest |delta|, 1-based) the sparsifier needs for this model."""
+        return ()
+
+    def plan(self, numel: int, mp: Any, stats: Sequence[OrderStat]) -> Any:
+        """What ``sparsify`` needs, from the order statistics asked for by ``ranks``."""
+        return tuple(stats)
+
+    def whole(self, blocks: TensorBlocks[Any, Any], i: int, mp: Any) -> Any:
+        """Extra whole-tensor data for model ``i`` (computed once in ``prepare``)."""
+        return None
+
+    def context(self, task: TensorTask[Any, Any], i: int, mp: Any, state: ModelState) -> Any:
+        """Per-chunk data for ``sparsify`` (a flat mask, tie cursors, ...)."""
+        return None
+
+    def sparsify(self, delta: Tensor, context: Any, start: int, stop: int, mp: Any, state: ModelState) -> Tensor:
+        """The sparsified (not yet rescaled) flat piece ``start:stop`` of the chunk; may overwrite ``delta``."""
+        raise NotImplementedError
+
+
+def keep_below(u: Tensor, p: Tensor | float) -> Tensor:
+    """Float 1/0 mask of ``u < p``, computed in place in ``u`` without boolean tensors.
+
+    ``sign(u - p)`` is exact in float32 (it is 0 only when u == p), so this is
+    exactly the comparison. Works in pieces of ``GRAIN`` elements.
+    """
+    flat = u.view(-1)
+    bound = p.reshape(-1) if isinstance(p, Tensor) else None
+    for start in range(0, flat.numel(), GRAIN):
+        piece = flat[start : start + GRAIN]
+        piece.sub_(p if bound is None else bound[start : start + GRAIN]).sign_().clamp_(max=0).neg_()
+    return u
+
+
+def delta_of(blk: TensorTask[Any, Any], i: int) -> Tensor:
+    assert blk.base is not None
+    return torch.sub(blk.models[i], blk.base)
+
+
+def square_sum(values: Tensor) -> float:
+    """sum values**2 in float64, in pieces of ``GRAIN`` added in order: the same bits whatever the thread count."""
+    flat = values.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), GRAIN):
+        part = flat[start : start + GRAIN].to(torch.float64)
+        total += float(part.mul_(part).sum())
+    return total
+
+
+def l1_scale(before: float, after: float) -> float | None:
+    """mergekit's ``before / after`` in float32, None when either norm is below its epsilon."""
+    b = torch.tensor(before, dtype=torch.float32)
+    a = torch.tensor(after, dtype=torch.float32)
+    if b < RESCALE_EPS or a < RESCALE_EPS:
+        return None
+    return float(b / a)
+
+
+def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple[ModelState | None, ...] | None:
+    """Whole-tensor statistics for each model: thresholds, extras, L1 rescaling factors."""
+    mps = blocks.model_params
+    numel = blocks.numel
+    active = [sparsifier.active(mp) for mp in mps]
+    if not any(active) or numel == 0:
+        return None
+    ranks = {i: sparsifier.ranks(numel, mp) for i, mp in enumerate(mps) if active[i]}
+    stats = kth_largest_abs_many(blocks, delta_streams, ranks)
+    states: list[ModelState | None] = [
+        ModelState(sparsifier.plan(numel, mp, stats.get(i, ())), sparsifier.whole(blocks, i, mp)) if active[i] else None
+        for i, mp in enumerate(mps)
+    ]
+    if blocks.params.rescale:
+        before = [0.0] * len(mps)
+        after = [0.0] * len(mps)
+        scratch = torch.empty(STAT_PIECE)
+        for blk in blocks.blocks():
+            piece = delta_streams(blk)
+            contexts = {i: sparsifier.context(blk, i, mps[i], st) for i, st in enumerate(states) if st is not None}
+            for start, stop in _pieces(blk):
+                for i, ctx in contexts.items():
+                    d = piece(i, start, stop, scratch[: stop - start])
+                    before[i] += float(d.abs().sum(dtype=torch.float64))
+                    kept = sparsifier.sparsify(d, ctx, start, stop, mps[i], states[i])
+                    after[i] += float(kept.abs_().sum(dtype=torch.float64))
+        states = [
+            None if s is None else ModelState(s.plan, s.extra, l1_scale(before[i], after[i]))
+            for i, s in enumerate(states)
+        ]
+    return tuple(states)
+
+
+#: elements per piece of a chunk in ``gta_apply`` (see ``GRAIN``).
+PIECE = GRAIN
+
+
+def gta_apply(
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+    task: TensorTask[Any, Any],
+    prepared: tuple[ModelState | None, ...] | None,
+) -> Tensor:
+    """The generalized task arithmetic merge of one chunk (see the module docstring).
+
+    Elementwise, so the chunk is worked through in flat pieces of ``PIECE``
+    elements with reused buffers; the arithmetic per element (and so the
+    result) does not depend on the piece size.
+    """
+    base = task.base
+    if base is None:
+        raise ValueError(f"{task.name}: this strategy needs a base model")
+    if not task.models:
+        return base.clone()
+    p = task.params
+    n = len(task.models)
+    weights = [float(torch.tensor(mp.weight, dtype=torch.float32)) for mp in task.model_params]
+    states = prepared if prepared is not None else (None,) * n
+    contexts = [
+        sparsifier.context(task, i, mp, st) if sparsifier is not None and st is not None else None
+        for i, (mp, st) in enumerate(zip(task.model_params, states))
+    ]
+    base_flat = base.reshape(-1)
+    flats = [m.reshape(-1) for m in task.models]
+    total = base_flat.numel()
+    out = torch.empty_like(base_flat)
+    piece = min(PIECE, max(1, total))
+    bufs = [torch.empty(piece) for _ in range(n)]
+    sign_buf, acc_buf, div_buf = torch.empty(piece), torch.empty(piece), torch.empty(piece)
+    ones = torch.ones(piece) if consensus else None
+    scale_total = 1.0
+    if not consensus and p.normalize:
+        summed = float(torch.tensor(weights, dtype=torch.float32).sum())
+        scale_total = 1.0 if abs(summed) < 1e-8 else summed
+    lam_value = lam(p)
+    for start in range(0, total, piece):
+        stop = min(total, start + piece)
+        size = stop - start
+        b = base_flat[start:stop]
+        deltas = []
+        for i in range(n):
+            d = torch.sub(flats[i][start:stop], b, out=bufs[i][:size])
+            state = states[i]
+            if sparsifier is not None and state is not None:
+                d = sparsifier.sparsify(d, contexts[i], start, stop, task.model_params[i], state)
+                if state.scale is not None:
+                    d.mul_(state.scale)
+            if weights[i] != 1:
+                d.mul_(weights[i])
+            deltas.append(d)
+        if consensus:
+            assert ones is not None
+            sign = majority_sign(deltas, p.consensus_method, out=sign_buf[:size], ones=ones[:size])
+            acc, div = consensus_sum(
+                deltas, sign, weights if p.normalize else None, acc=acc_buf[:size], div=div_buf[:size]
+            )
+            if div is not None:
+                acc.div_(fix_zero_divisor(div, weights))
+            acc.mul_(sign)
+        else:
+            acc = deltas[0]
+            for d in deltas[1:]:
+                acc.add_(d)
+            if scale_total != 1.0:
+                acc.div_(scale_total)
+        if lam_value != 1:
+            acc.mul_(lam_value)
+        torch.add(acc, b, out=out[start:stop])
+    return out.view(base.shape)
+
+
+def register_gta(
+    name: str,
+    *,
+    sparsifier: Sparsifier | None,
+    consensus: bool,
+    normalize: bool,
+    rescale: bool,
+    model_params: type[ModelParams],
+    paper: str,
+    summary: str,
+) -> None:
+    """Register one member of the family under mergekit's ``name`` and defaults."""
+    params = gta_params(
+        f"{name.title().replace('_', '')}Params", normalize=normalize, rescale=rescale, consensus=consensus
+    )
+
+    def prepare(blocks: TensorBlocks[Any, Any]) -> tuple[ModelState | None, ...] | None:
+        assert sparsifier is not None
+        return gta_prepare(sparsifier, blocks)
+
+    def apply(task: TensorTask[Any, Any], prepared: tuple[ModelState | None, ...] | None) -> Tensor:
+        return gta_apply(sparsifier, consensus, task, prepared)
+
+    apply.__name__ = name
+    apply.__doc__ = summary
+    strategy(
+        name,
+        params=params,
+        model_params=model_params,
+        base="required",
+        chunkable=True,
+        prepare=prepare if sparsifier is not None else None,
+        stochastic=sparsifier is not None and sparsifier.stochastic,
+        paper=paper,
+        summary=summary,
+        family=FAMILY,
+    )(apply)
+
+
+register_gta(
+    "task_arithmetic",
+    sparsifier=None,
+    consensus=False,
+    normalize=False,
+    rescale=False,
+    model_params=GtaModelParams,
+    paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)",
+    summary="Add the weighted sum of task vectors (model - base) to the base "
+    "(density and rescale are accepted for mergekit compatibility and have no effect).",
+)
