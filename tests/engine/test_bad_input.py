@@ -73,7 +73,9 @@ def test_extra_tensor_in_model_is_named(tmp_path, llama_family):
 def test_shape_mismatch_names_tensor_and_shapes(tmp_path, llama_family):
     _, tuned = llama_family
     name = "model.layers.0.mlp.up_proj.weight"
-    wrong = copy_model(tuned[0], tmp_path / "wrong", lambda t: t.__setitem__(name, torch.zeros(5, 7, dtype=t[name].dtype)))
+    wrong = copy_model(
+        tuned[0], tmp_path / "wrong", lambda t: t.__setitem__(name, torch.zeros(5, 7, dtype=t[name].dtype))
+    )
     result = run_merge(tmp_path, linear(tuned[2], wrong))
     assert_failed(result, "shape mismatch", name, "[5, 7]", "[128, 64]")
     assert no_partial_outputs(tmp_path)

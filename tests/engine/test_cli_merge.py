@@ -74,7 +74,10 @@ def test_recipe_gradient_and_filter_parameters(tmp_path, llama_family):
             "merge_method": "linear",
             "models": [
                 {"model": str(tuned[0]), "parameters": {"weight": 1.0}},
-                {"model": str(tuned[2]), "parameters": {"weight": [{"filter": "self_attn", "value": 0.0}, {"value": [0.0, 3.0]}]}},
+                {
+                    "model": str(tuned[2]),
+                    "parameters": {"weight": [{"filter": "self_attn", "value": 0.0}, {"value": [0.0, 3.0]}]},
+                },
             ],
             "dtype": "float32",
         },
@@ -119,11 +122,16 @@ def test_output_bytes_identical_across_threads_and_chunking(tmp_path, llama_fami
     _, tuned = llama_family
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": i + 0.5}} for i, p in enumerate(tuned)]},
+        {
+            "merge_method": "linear",
+            "models": [{"model": str(p), "parameters": {"weight": i + 0.5}} for i, p in enumerate(tuned)],
+        },
     )
     hashes = set()
     for threads, memory in [(1, "2GB"), (2, "2GB"), (4, "64KB"), (3, "10KB")]:
-        report = merge_cli(recipe, tmp_path / f"out-{threads}-{memory}", "--threads", str(threads), "--memory-limit", memory)
+        report = merge_cli(
+            recipe, tmp_path / f"out-{threads}-{memory}", "--threads", str(threads), "--memory-limit", memory
+        )
         hashes.add(json.dumps(report["files"], sort_keys=True))
     assert len(hashes) == 1
 
@@ -165,14 +173,18 @@ def test_console_script_exit_codes(tmp_path, llama_family):
     )
     ok = subprocess.run(
         [sys.executable, "-m", "convergent", "merge", str(recipe), str(tmp_path / "o"), "--json"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert "model.safetensors" in json.loads(ok.stdout)["files"]
     bad = write_recipe(tmp_path / "bad.yaml", {"merge_method": "lineer", "models": [{"model": str(tuned[0])}]})
     fail = subprocess.run(
         [sys.executable, "-m", "convergent", "merge", str(bad), str(tmp_path / "o2")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert fail.returncode == 1
     assert "did you mean 'linear'" in fail.stderr
@@ -206,8 +218,12 @@ def test_unlisted_base_model_joins_methods_that_ignore_bases(tmp_path, llama_fam
     base, tuned = llama_family
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        {"merge_method": "karcher", "base_model": str(base), "models": [{"model": str(p)} for p in tuned[:2]],
-         "dtype": "float32"},
+        {
+            "merge_method": "karcher",
+            "base_model": str(base),
+            "models": [{"model": str(p)} for p in tuned[:2]],
+            "dtype": "float32",
+        },
     )
     merge_cli(recipe, tmp_path / "out")
     name = "model.layers.1.mlp.gate_proj.weight"
