@@ -2,7 +2,8 @@
 
 from convergent.checkpoint.reader import Checkpoint, open_checkpoint
 from convergent.checkpoint.source import TensorInfo, TensorSource
-from convergent.checkpoint.writer import AtomicOutput, ShardedWriter, sha256_file
+from convergent.checkpoint.writer import AtomicOutput, ShardedWriter
+from convergent.durable import sha256_file
 
 __all__ = [
     "AtomicOutput",

@@ -14,7 +14,6 @@ renamed into place only when complete (see :class:`AtomicOutput`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 from convergent.checkpoint.safetensors_file import DTYPE_NAMES
 from convergent.checkpoint.source import TensorInfo
 from convergent.determinism import row_numel
+from convergent.durable import fsync_dir, fsync_file
 from convergent.errors import OutputError
 
 
@@ -127,14 +127,6 @@ class ShardedWriter:
         self._fds = {}
 
 
-def sha256_file(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class AtomicOutput:
     """A temporary folder that becomes ``dest`` only on :meth:`commit`.
 
@@ -165,8 +157,14 @@ class AtomicOutput:
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(self.dest, old)
+        # Files copied or written beside the tensors (config, tokenizer, provenance)
+        # must be on disk before the folder becomes visible, like the shards.
+        for path in self.tmp.iterdir():
+            if path.is_file():
+                fsync_file(path)
+        fsync_dir(self.tmp)
         os.replace(self.tmp, self.dest)
-        _fsync_dir(self.dest.parent)
+        fsync_dir(self.dest.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -179,16 +177,3 @@ class AtomicOutput:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -28,7 +28,8 @@ import torch
 
 from convergent import determinism
 from convergent.checkpoint.source import TensorInfo, TensorSource
-from convergent.checkpoint.writer import AtomicOutput, ShardedWriter, sha256_file
+from convergent.checkpoint.writer import AtomicOutput, ShardedWriter
+from convergent.durable import sha256_file
 from convergent.engine.job import MergeJob, MergeResult, OutputTensor
 from convergent.errors import MergeInputError, RecipeError, suggest
 from convergent.strategies.api import ModelParams, Params, Strategy, TensorBlocks

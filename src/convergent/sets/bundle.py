@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from convergent.durable import DURABLE, fsync_dir
 from convergent.errors import IntegrityError, StoreError
 from convergent.sets.canonical import HEX64, canonical_json
 from convergent.sets.model import Manifest, SetState
-from convergent.store.blobs import DURABLE, IO_CHUNK, fsync_dir, parse_header
+from convergent.store.blobs import IO_CHUNK, parse_header
 from convergent.store.store import parse_manifest
 
 if TYPE_CHECKING:

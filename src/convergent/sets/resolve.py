@@ -159,7 +159,7 @@ def resolve_set(
 
 
 def _verify_dir(path: Path, files: dict[str, str]) -> bool:
-    from convergent.checkpoint.writer import sha256_file
+    from convergent.durable import sha256_file
 
     if not path.is_dir():
         return False

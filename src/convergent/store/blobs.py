@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from convergent.durable import DURABLE, fsync_dir
+from convergent.durable import sha256_file as hash_file
 from convergent.errors import IntegrityError, StoreError
 from convergent.sets.canonical import HEX64, canonical_json
 
@@ -41,9 +43,6 @@ _PREFIX = len(MAGIC) + 8
 _MAX_HEADER = 1 << 16
 #: Bytes read or written per step when streaming blobs.
 IO_CHUNK = 8 << 20
-#: fsync files and directories (always, unless CONVERGENT_UNSAFE_NO_FSYNC=1, which only
-#: benchmarks of CPU cost use: a process kill is still safe without it, a power cut is not).
-DURABLE = os.environ.get("CONVERGENT_UNSAFE_NO_FSYNC") != "1"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -117,30 +116,6 @@ def parse_header(f: BinaryIO) -> tuple[str, tuple[int, ...], int]:
     except (ValueError, KeyError, TypeError, StoreError) as exc:
         raise IntegrityError(f"not a convergent blob (bad header: {exc})") from None
     return dtype, shape, _PREFIX + hlen
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable."""
-    if not DURABLE:
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(IO_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class BlobWriter:

@@ -94,7 +94,7 @@ class Database:
         self.conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
         self.conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         self.conn.execute("PRAGMA journal_mode=WAL")
-        from convergent.store.blobs import DURABLE
+        from convergent.durable import DURABLE
 
         self.conn.execute(f"PRAGMA synchronous={'FULL' if DURABLE else 'NORMAL'}")
         with self.write() as c:
