@@ -32,9 +32,12 @@ class DictSource:
         t = self.tensors[name]
         return TensorInfo(t.dtype, tuple(t.shape))
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         t = self.tensors[name]
-        return t if rows is None else t[rows[0] : rows[1]]
+        t = t if rows is None else t[rows[0] : rows[1]]
+        if out is None:
+            return t
+        return out[: t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
 
 
 def base_tensors(shapes: dict | None = None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from convergent.checkpoint.safetensors_file import SafetensorsFile
-from convergent.checkpoint.source import TensorInfo
+from convergent.checkpoint.source import TensorInfo, read_buffer
 from convergent.errors import CheckpointError
 
 #: Non-weight files worth carrying into a merged model so transformers can load it.
@@ -64,8 +64,8 @@ class Checkpoint:
     def info(self, name: str) -> TensorInfo:
         return self._file(name).info(name)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return self._file(name).read(name, rows)
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._file(name).read(name, rows, out)
 
     def files(self) -> dict[str, Path]:
         """Config and tokenizer files beside the weights (name -> path)."""
@@ -116,11 +116,14 @@ class _TorchFile:
         t = self.tensors[name]
         return TensorInfo(t.dtype, tuple(t.shape))
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         t = self.tensors[name]
         if rows is not None and t.dim() >= 1:
             t = t[rows[0] : rows[1]]
-        return t.clone()
+        if out is None:
+            return t.clone()
+        dest = read_buffer(out, t.numel() * t.element_size()).view(t.dtype).view(t.shape)
+        return dest.copy_(t)
 
     def close(self) -> None:
         self.tensors = {}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from convergent.checkpoint.source import TensorInfo
+from convergent.checkpoint.source import TensorInfo, read_buffer
 from convergent.determinism import row_numel
 from convergent.errors import CheckpointError
 
@@ -113,7 +113,7 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self.entries[name][0]
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         info, begin, end = self.entries[name]
         if rows is None or not info.shape:
             offset, nbytes, shape = begin, end - begin, info.shape
@@ -122,7 +122,7 @@ class SafetensorsFile:
             row_bytes = row_numel(info.shape) * info.dtype.itemsize
             offset, nbytes = begin + start * row_bytes, (stop - start) * row_bytes
             shape = (stop - start, *info.shape[1:])
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = read_buffer(out, nbytes)
         view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:

@@ -45,6 +45,20 @@ class TensorSource(Protocol):
         """Dtype and shape of ``name``; CheckpointError if absent."""
         ...
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``name`` in its stored dtype, or only rows [start, stop) of dim 0."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` in its stored dtype, or only rows [start, stop) of dim 0.
+
+        ``out``, a flat uint8 tensor with room for the bytes, is filled and the
+        result is a view of it: the engine reuses such buffers, because reading
+        into fresh memory costs a page fault per 4 kB (3-5x slower than the copy).
+        """
         ...
+
+
+def read_buffer(out: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor of ``nbytes`` to read into: a prefix of ``out``, or new memory."""
+    if out is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < nbytes or not out.is_contiguous():
+        raise ValueError(f"read buffer must be a contiguous 1-D uint8 tensor of at least {nbytes} bytes")
+    return out[:nbytes]

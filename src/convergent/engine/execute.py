@@ -13,6 +13,7 @@ thread count and chunk size.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import re
@@ -42,6 +43,13 @@ _WORKSPACE = 3
 #: Elements per input in one streamed chunk (16 MB of float32): small enough that
 #: the allocator recycles buffers instead of page-faulting fresh ones every time.
 CHUNK_ELEMENTS = 4 << 20
+#: A strategy with whole-tensor statistics holds its inputs (in their stored dtype)
+#: when they take at most this share of a worker's budget; bigger tensors are
+#: re-read for each pass, which costs little from the page cache.
+HOLD_SHARE = 4
+#: Read buffers larger than this are freed when their tensor is done; smaller ones
+#: stay with their worker for the next tensor.
+RETAIN_BYTES = 32 << 20
 
 
 def layer_of(name: str) -> int | None:
@@ -62,6 +70,7 @@ class TensorPlan:
     models: list[TensorSource]
     stats: dict[str, list[TensorSource | None]]  # only sources that hold this tensor
     info: TensorInfo  # input shape/dtype (reference)
+    raw_itemsize: int  # widest stored dtype among the inputs
     out: TensorInfo
     params: Params
     model_params: tuple[ModelParams, ...]
@@ -82,13 +91,7 @@ class TensorPlan:
 
     @property
     def need_bytes(self) -> int:
-        rows = determinism.num_rows(self.info.shape)
-        per_row = determinism.row_numel(self.info.shape) * 4
-        if self.mode == "stream":
-            return per_row * min(rows, self.chunk_rows) * (self.n_inputs + _WORKSPACE)
-        if self.mode == "hold":
-            return per_row * (rows * self.n_inputs + min(rows, self.chunk_rows) * _WORKSPACE)
-        return per_row * rows * (self.n_inputs + _WORKSPACE)
+        return _need_bytes(self.mode, self.info.shape, self.chunk_rows, self.n_inputs, self.raw_itemsize)
 
 
 class _ByteBudget:
@@ -185,7 +188,7 @@ def plan_merge(job: MergeJob) -> list[TensorPlan]:
         base = job.base if strat.base != "none" else None
         models = [job.models[i].source for i in model_ids]
         model_names = list(out.model_source_names or [out.source_name] * len(models))
-        info = _check_tensor(out.source_name, model_names, base, models, reference, names)
+        info, raw_itemsize = _check_tensor(out.source_name, model_names, base, models, reference, names)
         out_dtype = job.dtype if (job.dtype is not None and info.dtype.is_floating_point) else info.dtype
         layer = layer_of(out.name)
         resolver = resolvers.setdefault(strat.name, _ParamResolver(strat, job, labels))
@@ -208,12 +211,13 @@ def plan_merge(job: MergeJob) -> list[TensorPlan]:
                 models=models,
                 stats=stats,
                 info=info,
+                raw_itemsize=raw_itemsize,
                 out=TensorInfo(out_dtype, info.shape),
                 params=params,
                 model_params=model_params,
                 layer=layer,
                 num_layers=num_layers,
-                **_layout(job, info, len(models) + (base is not None), strat),
+                **_layout(job, info, len(models) + (base is not None), strat, raw_itemsize),
             )
         )
     return plans
@@ -277,7 +281,7 @@ def _check_tensor(
 ) -> TensorInfo:
     sources = ([base] if base is not None else []) + models
     wanted = ([name] if base is not None else []) + model_names
-    infos = []
+    infos: list[TensorInfo] = []
     for src, name in zip(sources, wanted):
         if not names.has(src, name):
             raise MergeInputError(
@@ -292,10 +296,21 @@ def _check_tensor(
     floating = {i.dtype.is_floating_point for i in infos}
     if len(floating) > 1:
         raise MergeInputError(f"tensor '{name}' is floating point in some inputs and not in others")
-    return infos[0]
+    return infos[0], max(i.dtype.itemsize for i in infos)
 
 
-def _layout(job: MergeJob, info: TensorInfo, n_inputs: int, strat: Strategy) -> dict[str, Any]:
+def _need_bytes(mode: str, shape: tuple[int, ...], chunk_rows: int, n_inputs: int, raw_itemsize: int) -> int:
+    """Working set of one tensor: stored-dtype reads, float32 copies of a chunk, workspace."""
+    rows = determinism.num_rows(shape)
+    per_row = determinism.row_numel(shape)
+    chunk = min(rows, chunk_rows)
+    f32_chunk = per_row * chunk * 4 * (n_inputs + _WORKSPACE)
+    if mode == "stream":
+        return per_row * chunk * raw_itemsize * n_inputs + f32_chunk
+    return per_row * rows * raw_itemsize * n_inputs + f32_chunk
+
+
+def _layout(job: MergeJob, info: TensorInfo, n_inputs: int, strat: Strategy, raw_itemsize: int) -> dict[str, Any]:
     """How a tensor is processed (mode) and in how many rows per chunk."""
     rows = determinism.num_rows(info.shape)
     if not info.dtype.is_floating_point:
@@ -308,15 +323,50 @@ def _layout(job: MergeJob, info: TensorInfo, n_inputs: int, strat: Strategy) -> 
     if job.chunk_rows is not None:
         wanted = job.chunk_rows
     else:
-        wanted = min(CHUNK_ELEMENTS // per_row, per_worker // (per_row * 4 * (n_inputs + _WORKSPACE)))
+        wanted = min(
+            CHUNK_ELEMENTS // per_row, per_worker // (per_row * (raw_itemsize * n_inputs + 4 * (n_inputs + _WORKSPACE)))
+        )
     chunk = min(rows, max(block, wanted // block * block))
     if chunk >= rows:
         return {"mode": "whole", "chunk_rows": rows}
     # Strategies with whole-tensor statistics read their inputs once when they fit.
-    held = rows * per_row * 4 * n_inputs
-    if strat.prepare is not None and held <= per_worker and job.chunk_rows is None:
+    held = rows * per_row * raw_itemsize * n_inputs
+    if strat.prepare is not None and held <= per_worker // HOLD_SHARE and job.chunk_rows is None:
         return {"mode": "hold", "chunk_rows": chunk}
     return {"mode": "stream", "chunk_rows": chunk}
+
+
+class _ReadBuffers:
+    """Each worker's reusable read buffers, one per input slot.
+
+    Reading into fresh memory page-faults every 4 kB, which made reads from the
+    page cache 3-5x slower than the copy itself; a worker reuses its buffers
+    from chunk to chunk and tensor to tensor. A tensor's values are views of
+    these buffers only while that tensor is being merged.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def _slots(self) -> dict[int, torch.Tensor]:
+        slots = getattr(self._local, "slots", None)
+        if slots is None:
+            slots = self._local.slots = {}
+        return slots
+
+    def get(self, slot: int, nbytes: int) -> torch.Tensor:
+        slots = self._slots()
+        buf = slots.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            slots.pop(slot, None)  # free the old one before the new one is allocated
+            buf = slots[slot] = torch.empty(max(1, nbytes), dtype=torch.uint8)
+        return buf
+
+    def trim(self) -> None:
+        """Free this worker's large buffers (bounded RSS between tensors)."""
+        slots = self._slots()
+        for slot in [k for k, b in slots.items() if b.numel() > RETAIN_BYTES]:
+            del slots[slot]
 
 
 class _Executor:
@@ -325,24 +375,38 @@ class _Executor:
         self.plans = plans
         self.writer = writer
         self.budget = _ByteBudget(job.memory_limit)
+        self.buffers = _ReadBuffers()
         self.total = sum(p.out.nbytes for p in plans)
         self.done = 0
         self._lock = threading.Lock()
 
-    def _load(self, plan: TensorPlan, src: TensorSource, rows: tuple[int, int] | None, name: str) -> torch.Tensor:
-        raw = src.read(name, rows)
-        if plan.copy_only:
-            return raw
-        value = raw.to(torch.float32)
+    def _load_raw(self, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int) -> torch.Tensor:
+        """Tensor ``name`` (or some rows) in its stored dtype, in this worker's buffer ``slot``."""
+        info = src.info(name)
+        count = (
+            info.numel if rows is None or not info.shape else (rows[1] - rows[0]) * determinism.row_numel(info.shape)
+        )
+        raw = src.read(name, rows, out=self.buffers.get(slot, count * info.dtype.itemsize))
+        if info.dtype.is_floating_point and not self.job.allow_nonfinite:
+            self._check_finite(raw, src, name)
+        return raw
+
+    @staticmethod
+    def _check_finite(raw: torch.Tensor, src: TensorSource, name: str) -> None:
         # A sum is non-finite whenever an element is; confirm exactly only then. bfloat16
-        # sums are cheapest and share float32's range (float16 sums would overflow).
-        probe = raw if raw.dtype == torch.bfloat16 else value
-        if not self.job.allow_nonfinite and not math.isfinite(float(probe.sum())) and not torch.isfinite(value).all():
+        # and float32 sums share float32's range (float16 sums would overflow).
+        probe = raw if raw.dtype in (torch.bfloat16, torch.float32) else raw.to(torch.float32)
+        if not math.isfinite(float(probe.sum())) and not torch.isfinite(raw).all():
             raise MergeInputError(
                 f"tensor '{name}' in {src.label} contains NaN or Inf",
                 "fix the checkpoint, or pass --allow-nonfinite to merge anyway",
             )
-        return value
+
+    def _load(
+        self, plan: TensorPlan, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int
+    ) -> torch.Tensor:
+        """A float32 copy of the tensor or rows (its own memory: strategies may keep it)."""
+        return self._load_raw(src, rows, name, slot).to(torch.float32, copy=True)
 
     def _load_stats(self, plan: TensorPlan, rows: tuple[int, int] | None) -> dict[str, list[torch.Tensor | None]]:
         out: dict[str, list[torch.Tensor | None]] = {}
@@ -352,12 +416,15 @@ class _Executor:
 
     def run_one(self, plan: TensorPlan) -> None:
         with self.budget.hold(plan.need_bytes):
-            if plan.mode == "copy":
-                self._copy(plan)
-            elif plan.mode == "stream":
-                self._streamed(plan)
-            else:
-                self._held(plan)
+            try:
+                if plan.mode == "copy":
+                    self._copy(plan)
+                elif plan.mode == "stream":
+                    self._streamed(plan)
+                else:
+                    self._held(plan)
+            finally:
+                self.buffers.trim()
         with self._lock:
             self.done += plan.out.nbytes
             if self.job.progress:
@@ -365,9 +432,9 @@ class _Executor:
 
     def _copy(self, plan: TensorPlan) -> None:
         sources = self._sources(plan)
-        first = self._load(plan, sources[0][0], None, sources[0][1])
+        first = self._load_raw(sources[0][0], None, sources[0][1], 0)
         for src, name in sources[1:]:
-            if not torch.equal(first, self._load(plan, src, None, name)):
+            if not torch.equal(first, self._load_raw(src, None, name, 1)):
                 raise MergeInputError(
                     f"non-floating tensor '{name}' differs between {sources[0][0].label} and {src.label}",
                     "integer and boolean tensors cannot be merged arithmetically; make them equal",
@@ -379,17 +446,19 @@ class _Executor:
         base = [(plan.base, plan.source_name)] if plan.base is not None else []
         return base + list(zip(plan.models, plan.model_names))
 
-    def _read_inputs(self, plan: TensorPlan, rows: tuple[int, int] | None):
-        base = self._load(plan, plan.base, rows, plan.source_name) if plan.base is not None else None
-        models = [self._load(plan, m, rows, n) for m, n in zip(plan.models, plan.model_names)]
+    def _read_inputs(self, plan: TensorPlan, rows: tuple[int, int] | None, raw: bool = False):
+        """Base and models: float32 copies, or (``raw``) stored-dtype views of the read buffers."""
+        load = self._load_raw if raw else functools.partial(self._load, plan)
+        base = load(plan.base, rows, plan.source_name, 0) if plan.base is not None else None
+        models = [load(m, rows, n, 1 + i) for i, (m, n) in enumerate(zip(plan.models, plan.model_names))]
         return base, models
 
     def _key(self, plan: TensorPlan) -> bytes:
         return determinism.seed_key(self.job.seed, plan.name)
 
     def _held(self, plan: TensorPlan) -> None:
-        """Inputs read whole once; results computed and written chunk by chunk."""
-        base, models = self._read_inputs(plan, None)
+        """Inputs read whole once (stored dtype; float32 block by block); results written chunk by chunk."""
+        base, models = self._read_inputs(plan, None, raw=True)
 
         def sink(out: torch.Tensor, start: int) -> None:
             self.writer.write(plan.name, out.to(plan.out.dtype), start)

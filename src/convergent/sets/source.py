@@ -39,12 +39,12 @@ class StoredCheckpoint:
         e = self._entry(name)
         return TensorInfo(dtype=torch_dtype(e.dtype), shape=tuple(e.shape))
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         try:
             blob, dtype, shape = self._entries[name]
         except KeyError:
             raise CheckpointError(f"{self.label} has no tensor '{name}'") from None
-        return self.blobs.read_known(blob, dtype, shape, rows)
+        return self.blobs.read_known(blob, dtype, shape, rows, out)
 
     def files(self) -> dict[str, bytes]:
         """Non-tensor files (config, tokenizer) as bytes."""

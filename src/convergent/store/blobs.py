@@ -363,14 +363,20 @@ class BlobStore:
             return torch.frombuffer(buf, dtype=dtype).reshape(out_shape)
 
     def read_known(
-        self, digest: str, dtype: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None
+        self,
+        digest: str,
+        dtype: str,
+        shape: tuple[int, ...],
+        rows: tuple[int, int] | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Like :meth:`read` for a blob whose dtype and shape are known (from a manifest).
 
         The data offset follows from the canonical header, so this is one
-        positional read straight into a fresh tensor (no header parse, no zero fill).
+        positional read straight into a fresh tensor, or into ``out`` (see
+        ``TensorSource.read``), with no header parse and no zero fill.
         """
-        import torch
+        from convergent.checkpoint.source import read_buffer
 
         tdtype = torch_dtype(dtype)
         offset = _header_len(dtype, tuple(shape))
@@ -386,7 +392,7 @@ class BlobStore:
             out_shape = (stop - start, *shape[1:])
         itemsize = tdtype.itemsize
         nbytes = (stop - start) * row_elems * itemsize
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = read_buffer(out, nbytes)
         if nbytes:
             fd = self._fds().get(digest, self.path(digest))
             view = memoryview(buf.numpy())

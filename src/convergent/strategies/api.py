@@ -120,6 +120,10 @@ class TensorBlocks(Generic[P, M]):
     def numel(self) -> int:
         return determinism.num_rows(self.shape) * determinism.row_numel(self.shape)
 
+    def rows(self, start: int, stop: int) -> TensorTask[P, M]:
+        """Any range of rows (e.g. a sample); blocks() is what reductions must use."""
+        return self._load(start, stop)
+
     def blocks(self) -> Iterator[TensorTask[P, M]]:
         total = determinism.num_rows(self.shape)
         step = determinism.block_rows(self.shape)

@@ -104,6 +104,12 @@ def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
     return t[start:stop] if t.dim() >= 1 else t
 
 
+def _rows32(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """Rows of an input as float32 (inputs may be held in their stored dtype)."""
+    rows = _rows(t, start, stop)
+    return None if rows is None else rows.to(torch.float32)
+
+
 def merge_tensors(
     method: str,
     models: Sequence[torch.Tensor],
@@ -165,7 +171,11 @@ def run_strategy(
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     sink: Callable[[torch.Tensor, int], None] | None = None,
 ) -> torch.Tensor | None:
-    """Apply ``strat`` to float32 tensors in memory, whole or chunk by chunk.
+    """Apply ``strat`` to tensors in memory, whole or chunk by chunk.
+
+    Inputs may be in any floating dtype; each block or chunk is converted to
+    float32 as it is handed to the strategy, so bfloat16 inputs are held at half
+    the memory.
 
     With ``sink``, each chunk's result is handed to ``sink(out, row_start)``
     as soon as it is computed (and None is returned), so only one chunk of
@@ -180,8 +190,8 @@ def run_strategy(
             name,
             shape,
             (start, stop),
-            _rows(base, start, stop),
-            [_rows(m, start, stop) for m in models],
+            _rows32(base, start, stop),
+            [_rows32(m, start, stop) for m in models],
             params,
             model_params,
             key,

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from convergent import determinism
 from convergent.strategies.api import ModelParams, Params, TensorBlocks, TensorTask, strategy
+from convergent.strategies.bracket_select import kth_largest_bracketed
 
 FAMILY = "mergekit"
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling below this L1 norm
@@ -454,13 +455,25 @@ def kth_largest_abs_many(
 ) -> dict[int, list[OrderStat]]:
     """For each stream ``i`` and each ``k`` in ``wanted[i]``: the k-th largest of its magnitudes (exact).
 
-    Every stream is handled in the same two passes over the blocks (see
-    :class:`MagnitudeSelect`); no pass when nothing is wanted.
+    One full pass bracketed by a sample of rows (``bracket_select``); any
+    rank the bracket missed comes from the two-pass radix select
+    (:class:`MagnitudeSelect`). No pass when nothing is wanted.
     """
     wanted = {i: list(ks) for i, ks in wanted.items() if ks}
     if not wanted:
         return {}
-    return MagnitudeSelect(blocks, streams, list(wanted)).kth_largest(wanted)
+    found = kth_largest_bracketed(blocks, streams, wanted)
+    missed = {i: [k for k, hit in zip(ks, found[i]) if hit is None] for i, ks in wanted.items()}
+    missed = {i: ks for i, ks in missed.items() if ks}
+    radix = MagnitudeSelect(blocks, streams, list(missed)).kth_largest(missed) if missed else {}
+    out: dict[int, list[OrderStat]] = {}
+    for i in wanted:
+        fallback = iter(radix.get(i, ()))
+        out[i] = [
+            OrderStat(hit.value, hit.greater, hit.equal, hit.per_block) if hit is not None else next(fallback)
+            for hit in found[i]
+        ]
+    return out
 
 
 # --------------------------------------------------------------------------- sign consensus

@@ -1,0 +1,104 @@
+"""The sample-bracketed one-pass selection against the two-pass radix select: exact, or a reported miss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convergent.strategies.api import TensorBlocks
+from convergent.strategies.bracket_select import MIN_NUMEL, kth_largest_bracketed
+from convergent.strategies.run import get_strategy, make_task, validate_model_params, validate_params
+from convergent.strategies.task_arithmetic import MagnitudeSelect, delta_streams, kth_largest_abs_many
+
+
+def _blocks(base: torch.Tensor, models: list[torch.Tensor]) -> TensorBlocks:
+    strat = get_strategy("ties")
+    params = validate_params(strat, {})
+    mps = tuple(validate_model_params(strat, {}) for _ in models)
+
+    def load(start: int, stop: int):
+        return make_task(
+            strat,
+            "w",
+            tuple(base.shape),
+            (start, stop),
+            base[start:stop],
+            [m[start:stop] for m in models],
+            params,
+            mps,
+            b"k" * 32,
+        )
+
+    return TensorBlocks("w", tuple(base.shape), params, mps, load)
+
+
+def _family(seed: int, rows: int, cols: int, dtype: torch.dtype, n: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=gen).to(dtype).float()
+    models = [(base + 0.01 * torch.randn(rows, cols, generator=gen)).to(dtype).float() for _ in range(n)]
+    return base, models
+
+
+def _radix(blocks, wanted):
+    return MagnitudeSelect(blocks, delta_streams, list(wanted)).kth_largest(wanted)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    rows=st.sampled_from([256, 300, 1031]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    fracs=st.lists(st.floats(0.001, 0.999), min_size=1, max_size=3),
+)
+def test_bracketed_equals_radix_select(seed, rows, dtype, fracs):
+    base, models = _family(seed, rows, 1024, dtype)
+    assert base.numel() >= MIN_NUMEL
+    blocks = _blocks(base, models)
+    numel = base.numel()
+    wanted = {i: [max(1, int(f * numel)) for f in fracs] for i in range(len(models))}
+    found = kth_largest_bracketed(blocks, delta_streams, wanted)
+    exact = _radix(blocks, wanted)
+    hits = 0
+    for i in wanted:
+        for got, ref in zip(found[i], exact[i]):
+            if got is not None:
+                hits += 1
+                assert (got.value, got.greater, got.equal, got.per_block) == (
+                    ref.value,
+                    ref.greater,
+                    ref.equal,
+                    ref.per_block,
+                )
+    assert hits == sum(len(ks) for ks in wanted.values())  # i.i.d. data: the sample never misses
+
+
+def test_a_missed_bracket_is_reported_and_the_merge_falls_back_exactly():
+    # The sampled rows are quiet, the rest are loud: the sample brackets the wrong values.
+    rows, cols = 1024, 512
+    base = torch.zeros(rows, cols)
+    loud = torch.full((rows, cols), 5.0) + torch.arange(rows * cols, dtype=torch.float32).view(rows, cols) * 1e-6
+    from convergent.strategies.bracket_select import _sample_rows
+
+    quiet = torch.zeros(rows, dtype=torch.bool)
+    quiet[_sample_rows((rows, cols))] = True
+    model = torch.where(quiet[:, None], torch.full((rows, cols), 1e-3), loud)
+    blocks = _blocks(base, [model])
+    wanted = {0: [rows * cols // 2]}
+    assert kth_largest_bracketed(blocks, delta_streams, wanted)[0] == [None]
+    got = kth_largest_abs_many(blocks, delta_streams, wanted)[0][0]
+    ref = _radix(blocks, wanted)[0][0]
+    assert got == ref
+    assert got.value == float(torch.topk(model.flatten().abs(), wanted[0][0]).values[-1])
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_non_finite_magnitudes_count_as_largest(special):
+    base, models = _family(3, 512, 1024, torch.bfloat16, n=1)
+    models[0][::7, ::5] = special
+    blocks = _blocks(base, models)
+    numel = base.numel()
+    wanted = {0: [numel // 2, numel // 10]}
+    got = kth_largest_abs_many(blocks, delta_streams, wanted)[0]
+    assert got == _radix(blocks, wanted)[0]
