@@ -42,7 +42,7 @@ LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 _WORKSPACE = 3
 #: Elements per input in one streamed chunk (16 MB of float32): small enough that
 #: the allocator recycles buffers instead of page-faulting fresh ones every time.
-CHUNK_ELEMENTS = 4 << 20
+CHUNK_ELEMENTS = 1 << 20
 #: A strategy with whole-tensor statistics holds its inputs (in their stored dtype)
 #: when they take at most this share of a worker's budget; bigger tensors are
 #: re-read for each pass, which costs little from the page cache.

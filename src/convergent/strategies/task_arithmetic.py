@@ -672,7 +672,7 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
 
 
 #: elements per piece of a chunk in ``gta_apply`` (see ``GRAIN``).
-PIECE = GRAIN
+PIECE = 1 << 18
 
 
 def gta_apply(
