@@ -130,8 +130,8 @@ def _print_detail(d: dict) -> None:
     out.print(f"base_model: {d['base_model']}; models: {d['min_models']}..{d['max_models'] or 'any'}")
     out.print(f"streams in chunks: {'yes' if d['streams_in_chunks'] else 'no'} ({d['memory']})")
     for title, params in (("parameters", d["parameters"]), ("per-model parameters", d["model_parameters"])):
-        out.print(f"{title}:")
-        for p in params or [{"name": "none", "type": "", "default": "", "required": False, "description": ""}]:
+        out.print(f"{title}:" if params else f"{title}: none")
+        for p in params:
             default = "required" if p["required"] else p["default"]
             out.print(f"  {p['name']} ({p['type']}, default {default}): {p['description']}")
 
