@@ -79,10 +79,11 @@ def test_a_missed_bracket_is_reported_and_the_merge_falls_back_exactly():
     rows, cols = 1024, 512
     base = torch.zeros(rows, cols)
     loud = torch.full((rows, cols), 5.0) + torch.arange(rows * cols, dtype=torch.float32).view(rows, cols) * 1e-6
-    from convergent.strategies.bracket_select import _sample_rows
+    from convergent.strategies.bracket_select import _sample_runs
 
     quiet = torch.zeros(rows, dtype=torch.bool)
-    quiet[_sample_rows((rows, cols))] = True
+    for start, stop in _sample_runs((rows, cols)):
+        quiet[start:stop] = True
     model = torch.where(quiet[:, None], torch.full((rows, cols), 1e-3), loud)
     blocks = _blocks(base, [model])
     wanted = {0: [rows * cols // 2]}
@@ -91,6 +92,20 @@ def test_a_missed_bracket_is_reported_and_the_merge_falls_back_exactly():
     ref = _radix(blocks, wanted)[0][0]
     assert got == ref
     assert got.value == float(torch.topk(model.flatten().abs(), wanted[0][0]).values[-1])
+
+
+def test_one_dimensional_tensors_are_sampled_in_runs():
+    from convergent.strategies.bracket_select import _sample_runs
+
+    runs = _sample_runs((300_000,))
+    assert len(runs) == 64 and sum(b - a for a, b in runs) >= 65536
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(300_000, generator=gen)
+    model = base + 0.01 * torch.randn(300_000, generator=gen)
+    blocks = _blocks(base, [model])
+    wanted = {0: [100_000]}
+    assert kth_largest_bracketed(blocks, delta_streams, wanted)[0][0] is not None
+    assert kth_largest_abs_many(blocks, delta_streams, wanted)[0] == _radix(blocks, wanted)[0]
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])

@@ -53,10 +53,13 @@ class Bracketed:
     per_block: tuple[int, ...]
 
 
-def _sample_rows(shape: tuple[int, ...]) -> list[int]:
+def _sample_runs(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """64 evenly spaced runs of rows holding about ``SAMPLE_ELEMENTS`` elements in all (one load each)."""
     rows = determinism.num_rows(shape)
-    wanted = min(rows, max(64, math.ceil(SAMPLE_ELEMENTS / max(1, determinism.row_numel(shape)))))
-    return sorted({(2 * j + 1) * rows // (2 * wanted) for j in range(wanted)})
+    runs = min(rows, 64)
+    run_rows = max(1, math.ceil(SAMPLE_ELEMENTS / (runs * max(1, determinism.row_numel(shape)))))
+    starts = sorted({(2 * j + 1) * rows // (2 * runs) for j in range(runs)})
+    return [(start, min(rows, start + run_rows)) for start in starts]
 
 
 def _bracket(sample: np.ndarray, k: int, numel: int) -> tuple[float, float] | None:
@@ -91,10 +94,10 @@ def kth_largest_bracketed(
     if numel < MIN_NUMEL:
         return {i: [None] * len(ks) for i, ks in wanted.items()}
     samples: dict[int, list[np.ndarray]] = {i: [] for i in wanted}
-    for row in _sample_rows(blocks.shape):
-        task = blocks.rows(row, row + 1)
+    for start, stop in _sample_runs(blocks.shape):
+        task = blocks.rows(start, stop)
         piece = streams(task)
-        size = determinism.row_numel(blocks.shape)
+        size = (stop - start) * determinism.row_numel(blocks.shape)
         for i in wanted:
             samples[i].append(piece(i, 0, size, torch.empty(size)).abs_().numpy().copy())
     # keys are (stream, position in wanted[stream]): the same k may be asked twice
