@@ -119,10 +119,9 @@ class ShardedWriter:
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
 
-    def close(self, sync: bool = True) -> None:
+    def close(self) -> None:
+        """Close the shards; :meth:`AtomicOutput.commit` makes them durable with the rest of the folder."""
         for fd in self._fds.values():
-            if sync:
-                os.fsync(fd)
             os.close(fd)
         self._fds = {}
 
@@ -157,8 +156,8 @@ class AtomicOutput:
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(self.dest, old)
-        # Files copied or written beside the tensors (config, tokenizer, provenance)
-        # must be on disk before the folder becomes visible, like the shards.
+        # Every file (shards, config, tokenizer, provenance) must be on disk before
+        # the folder becomes visible: this is the one place outputs are fsynced.
         for path in self.tmp.iterdir():
             if path.is_file():
                 fsync_file(path)

@@ -382,6 +382,6 @@ class AdapterWriter:
 
     def abort(self) -> None:
         try:
-            self.writer.close(sync=False)
+            self.writer.close()
         finally:
             self.output.abort()

@@ -30,8 +30,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from convergent.durable import DURABLE, fsync_dir
-from convergent.durable import sha256_file as hash_file
+from convergent.durable import DURABLE, fsync_dir, sha256_file
 from convergent.errors import IntegrityError, StoreError
 from convergent.sets.canonical import HEX64, canonical_json
 
@@ -294,7 +293,7 @@ class BlobStore:
         tmp = Path(tmp_path)
         target = self.path(expected_digest)
         try:
-            actual = hash_file(tmp)
+            actual = sha256_file(tmp)
             if actual != expected_digest:
                 raise IntegrityError(
                     f"blob {expected_digest[:12]}… does not match its hash (got {actual[:12]}…)",
@@ -423,7 +422,7 @@ class BlobStore:
         path = self.path(digest)
         if not path.is_file():
             return "missing"
-        if hash_file(path) != digest:
+        if sha256_file(path) != digest:
             return "content does not match its hash"
         try:
             with open(path, "rb") as f:

@@ -28,8 +28,9 @@ import torch
 from convergent import determinism
 from convergent.strategies.api import TensorBlocks, TensorTask
 
-#: a stream of values: called once per block, returns ``piece(i, start, stop, out)``
-#: giving stream i's flat elements [start, stop) of the block (see ``task_arithmetic``).
+#: a stream of values for the order statistics: called once per block, returns
+#: ``piece(i, start, stop, out)`` giving stream i's flat elements [start, stop)
+#: of the block (written to ``out`` or a new tensor; the caller overwrites it).
 Streams = Callable[[TensorTask[Any, Any]], Callable[[int, int, int, torch.Tensor], torch.Tensor]]
 
 #: Tensors smaller than this go straight to the radix select (already cheap).
@@ -44,13 +45,13 @@ MAX_BRACKET_SHARE = 0.125
 
 
 @dataclass(frozen=True)
-class Bracketed:
-    """The k-th largest magnitude with the counts the tie rules need (like ``OrderStat``)."""
+class OrderStat:
+    """The k-th largest magnitude of a stream, and how many magnitudes are larger or equal."""
 
     value: float
     greater: int
     equal: int
-    per_block: tuple[int, ...]
+    per_block: tuple[int, ...]  # elements equal to ``value``, block by block
 
 
 def _sample_runs(shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -88,7 +89,7 @@ def _bracket(sample: np.ndarray, k: int, numel: int) -> tuple[float, float] | No
 
 def kth_largest_bracketed(
     blocks: TensorBlocks[Any, Any], streams: Streams, wanted: Mapping[int, Sequence[int]]
-) -> dict[int, list[Bracketed | None]]:
+) -> dict[int, list[OrderStat | None]]:
     """For each stream ``i`` and ``k`` in ``wanted[i]``: the exact k-th largest magnitude, or None if missed."""
     numel = blocks.numel
     if numel < MIN_NUMEL:
@@ -108,7 +109,7 @@ def kth_largest_bracketed(
             bounds = _bracket(sample, k, numel)
             if bounds is not None:
                 brackets[(i, pos)] = bounds
-    result: dict[int, list[Bracketed | None]] = {i: [None] * len(ks) for i, ks in wanted.items()}
+    result: dict[int, list[OrderStat | None]] = {i: [None] * len(ks) for i, ks in wanted.items()}
     if not brackets:
         return result
     keys_of = {i: [key for key in brackets if key[0] == i] for i in wanted}
@@ -160,14 +161,14 @@ class _Tally:
             below_hi &= magnitudes > self.lo
             self.inside[-1].append(magnitudes[below_hi])
 
-    def select(self, k: int) -> Bracketed | None:
+    def select(self, k: int) -> OrderStat | None:
         """The exact k-th largest, or None when it is not inside the bracket."""
         rank = k - self.above  # rank among the elements from hi down to lo
         n_hi = sum(self.at_hi)
         if rank < 1:
             return None
         if rank <= n_hi:
-            return Bracketed(float(self.hi), self.above, n_hi, tuple(self.at_hi))
+            return OrderStat(float(self.hi), self.above, n_hi, tuple(self.at_hi))
         if self.lo == self.hi:
             return None
         blocks = [np.concatenate(parts) if parts else np.zeros(0, np.float32) for parts in self.inside]
@@ -179,9 +180,9 @@ class _Tally:
             value = np.partition(collected, n_inside - rank)[n_inside - rank]
             greater = self.above + n_hi + int(np.count_nonzero(collected > value))
             per_block = tuple(int(np.count_nonzero(b == value)) for b in blocks)
-            return Bracketed(float(value), greater, sum(per_block), per_block)
+            return OrderStat(float(value), greater, sum(per_block), per_block)
         rank -= n_inside
         n_lo = sum(self.at_lo)
         if rank <= n_lo:
-            return Bracketed(float(self.lo), self.above + n_hi + n_inside, n_lo, tuple(self.at_lo))
+            return OrderStat(float(self.lo), self.above + n_hi + n_inside, n_lo, tuple(self.at_lo))
         return None

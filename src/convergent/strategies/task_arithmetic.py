@@ -55,7 +55,7 @@ from torch import Tensor
 
 from convergent import determinism
 from convergent.strategies.api import ModelParams, Params, TensorBlocks, TensorTask, strategy
-from convergent.strategies.bracket_select import kth_largest_bracketed
+from convergent.strategies.bracket_select import OrderStat, Streams, kth_largest_bracketed
 
 FAMILY = "mergekit"
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: no rescaling below this L1 norm
@@ -160,11 +160,6 @@ def _in_bucket(magnitudes: np.ndarray, high: int) -> np.ndarray:
     return magnitudes[inside].view(np.int32)
 
 
-#: a stream of values for the order statistics: called once per block, returns
-#: ``piece(i, start, stop, out)`` giving stream i's flat elements [start, stop)
-#: of the block (written to ``out`` or a new tensor; the caller overwrites it).
-Streams = Callable[[TensorTask[Any, Any]], Callable[[int, int, int, Tensor], Tensor]]
-
 #: PyTorch runs an op on at most this many elements on one thread
 #: (``at::internal::GRAIN_SIZE``). Working in pieces of this size keeps the
 #: buffers in cache, makes every reduction independent of the thread count,
@@ -197,16 +192,6 @@ def _pieces(blk: TensorTask[Any, Any]) -> list[tuple[int, int]]:
 #: count tied elements block by block in the second pass; beyond it (adversarial
 #: data) the counts come from one more pass.
 SUMMARY_CAP = 1 << 22
-
-
-@dataclass(frozen=True)
-class OrderStat:
-    """The k-th largest magnitude of a stream, and how many magnitudes are larger or equal."""
-
-    value: float
-    greater: int
-    equal: int
-    per_block: tuple[int, ...]  # elements equal to ``value``, block by block
 
 
 @dataclass(frozen=True)
@@ -469,10 +454,7 @@ def kth_largest_abs_many(
     out: dict[int, list[OrderStat]] = {}
     for i in wanted:
         fallback = iter(radix.get(i, ()))
-        out[i] = [
-            OrderStat(hit.value, hit.greater, hit.equal, hit.per_block) if hit is not None else next(fallback)
-            for hit in found[i]
-        ]
+        out[i] = [hit if hit is not None else next(fallback) for hit in found[i]]
     return out
 
 
