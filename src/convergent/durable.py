@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 #: fsync files and directories (always, unless CONVERGENT_UNSAFE_NO_FSYNC=1, which only
@@ -38,6 +41,54 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_libc_fallocate = None
+#: fallocate errors meaning "not supported here" (fall back to a sparse ftruncate), not a real failure.
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
+
+
+def fallocate(fd: int, size: int) -> None:
+    """Linux ``fallocate(fd, 0, 0, size)``: reserve real blocks for the first ``size`` bytes, extending the file.
+
+    Called through ctypes rather than ``os.posix_fallocate``, which glibc emulates
+    by writing zeros where the filesystem lacks support (very slow for large files).
+    Raises ``OSError`` (``ENOSYS`` where libc or fallocate is not available).
+    """
+    global _libc_fallocate
+    if _libc_fallocate is None:
+        if not sys.platform.startswith("linux"):
+            raise OSError(errno.ENOSYS, "fallocate is Linux only")
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            fn = getattr(libc, "fallocate64", None) or libc.fallocate
+        except (OSError, AttributeError) as exc:
+            raise OSError(errno.ENOSYS, f"fallocate unavailable: {exc}") from exc
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _libc_fallocate = fn
+    while _libc_fallocate(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def preallocate(fd: int, size: int) -> bool:
+    """Give ``fd`` its final ``size``, with its blocks reserved when the filesystem can.
+
+    Reserved blocks make the later writes faster and move an out-of-space
+    failure (``OSError`` ``ENOSPC``, re-raised) to before any work is done.
+    Where fallocate is unsupported the file is only extended (sparse); returns
+    whether the space was reserved.
+    """
+    try:
+        fallocate(fd, size)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+        os.ftruncate(fd, size)
+        return False
+    return True
 
 
 def sha256_file(path: Path, chunk: int = HASH_CHUNK) -> str:

@@ -98,6 +98,50 @@ def test_nonfinite_refused_unless_allowed(tmp_path, llama_family):
     assert torch.isnan(load_file(tmp_path / "out" / "model.safetensors")[name][3, 4])
 
 
+@pytest.mark.parametrize(
+    ("method", "value", "weight"),
+    [
+        ("linear", float("inf"), 0.0),  # 0 * inf is NaN: still caught, through the output probe
+        ("linear", float("-inf"), 1.0),
+        ("task_arithmetic", float("nan"), 1.0),  # output probe, base + deltas
+        ("ties", float("inf"), 1.0),  # sparsified: every input is probed
+    ],
+)
+def test_nonfinite_input_named_whatever_the_method(tmp_path, llama_family, method, value, weight):
+    base, tuned = llama_family
+    name = "model.layers.1.self_attn.q_proj.weight"
+
+    def poison(t):
+        t[name] = t[name].clone()
+        t[name][-1, -1] = value
+
+    bad = copy_model(tuned[2], tmp_path / "poisoned", poison)
+    recipe = {
+        "merge_method": method,
+        "models": [{"model": str(tuned[0])}, {"model": str(bad), "parameters": {"weight": weight}}],
+    }
+    if method != "linear":
+        recipe["base_model"] = str(base)
+    result = run_merge(tmp_path, recipe)
+    assert_failed(result, "NaN or Inf", name, "poisoned")
+    assert no_partial_outputs(tmp_path)
+
+
+def test_finite_inputs_that_overflow_are_not_an_input_error(tmp_path, llama_family):
+    """A weighted sum may overflow float32 to inf; every input is finite, so the merge goes on."""
+    _, tuned = llama_family
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def huge(t):
+        t[name] = torch.full_like(t[name], 3e38, dtype=torch.float32).to(t[name].dtype)
+
+    a = copy_model(tuned[0], tmp_path / "a", huge)
+    b = copy_model(tuned[2], tmp_path / "b", huge)
+    result = run_merge(tmp_path, linear(a, b, normalize=False))
+    assert result.exit_code == 0, result.output
+    assert torch.isinf(load_file(tmp_path / "out" / "model.safetensors")[name].float()).all()
+
+
 def test_non_floating_tensors_copied_when_equal_refused_when_not(tmp_path, llama_family):
     _, tuned = llama_family
     a = copy_model(tuned[0], tmp_path / "a", lambda t: t.__setitem__("ids", torch.arange(6)))

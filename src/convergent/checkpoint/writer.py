@@ -8,15 +8,21 @@ bytes do not depend on scheduling. The ``safetensors`` library cannot do this
 (it serialises whole in-memory dicts), hence this small writer; its output is
 read back with ``safetensors`` in the tests.
 
+Each file's space is reserved up front (so a full disk fails before any work),
+and a background thread fdatasyncs files as they fill, so the disk writes
+overlap the computation and the fsync at commit has little left to do.
+
 Everything goes into a temporary folder beside the destination, which is
 renamed into place only when complete (see :class:`AtomicOutput`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,11 +30,15 @@ from pathlib import Path
 
 import torch
 
+from convergent import durable
 from convergent.checkpoint.safetensors_file import DTYPE_NAMES
 from convergent.checkpoint.source import TensorInfo
 from convergent.determinism import row_numel
-from convergent.durable import fsync_dir, fsync_file
+from convergent.durable import fsync_dir, fsync_file, preallocate
 from convergent.errors import OutputError
+
+#: Bytes written to one file between background fdatasync requests for it.
+FLUSH_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,64 @@ def _header(group: list[tuple[str, TensorInfo]]) -> tuple[bytes, dict[str, int]]
     return len(raw).to_bytes(8, "little") + raw, offsets
 
 
+class _Flusher:
+    """One daemon thread that fdatasyncs files on request, while the writers go on.
+
+    Without it the kernel holds the written pages until commit, which then waits
+    for the whole output to reach the disk. Requests for the same fd coalesce,
+    and a single thread means one fdatasync at a time. The first failure is kept
+    in ``error`` (and flushing stops) for the writer to raise.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._pending: dict[int, str] = {}  # fd -> file name, in request order
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def request(self, fd: int, name: str) -> None:
+        with self._cond:
+            if self._stopping or self.error is not None:
+                return
+            self._pending[fd] = name
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="convergent-flush", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                fd = next(iter(self._pending))
+                name = self._pending.pop(fd)
+            try:
+                os.fdatasync(fd)
+            except Exception as exc:
+                if isinstance(exc, OSError):
+                    err = OutputError(f"could not write {self.folder / name}: {exc.strerror or exc}", "check the disk")
+                    err.__cause__ = exc
+                    exc = err
+                with self._cond:
+                    self.error = exc
+                    self._pending.clear()
+                return
+
+    def stop(self) -> None:
+        """Drop pending requests and wait for a running fdatasync: the fds may be closed after this."""
+        with self._cond:
+            self._stopping = True
+            self._pending.clear()
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+
 class ShardedWriter:
     """Pre-planned sharded safetensors output inside ``folder``."""
 
@@ -88,18 +156,27 @@ class ShardedWriter:
         self.file_names: list[str] = []
         self._fds: dict[str, int] = {}
         self.folder = folder
+        self._flusher = _Flusher(folder) if durable.DURABLE else None
+        self._unflushed: dict[str, int] = {}
+        self._lock = threading.Lock()
+        headers = [_header(group) for group in groups]
+        need = sum(len(head) + sum(info.nbytes for _, info in group) for group, (head, _) in zip(groups, headers))
         weight_map = {}
-        for i, group in enumerate(groups, start=1):
-            fname = f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i:05d}-of-{count:05d}.safetensors"
-            head, offsets = _header(group)
-            fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds[fname] = fd
-            os.pwrite(fd, head, 0)
-            os.ftruncate(fd, len(head) + sum(info.nbytes for _, info in group))
-            for name, info in group:
-                self.placements[name] = Placement(fname, len(head) + offsets[name], info)
-                weight_map[name] = fname
-            self.file_names.append(fname)
+        try:
+            for i, (group, (head, offsets)) in enumerate(zip(groups, headers), start=1):
+                fname = f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i:05d}-of-{count:05d}.safetensors"
+                fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds[fname] = fd
+                self._unflushed[fname] = 0
+                os.pwrite(fd, head, 0)
+                self._reserve(fd, len(head) + sum(info.nbytes for _, info in group), need)
+                for name, info in group:
+                    self.placements[name] = Placement(fname, len(head) + offsets[name], info)
+                    weight_map[name] = fname
+                self.file_names.append(fname)
+        except BaseException:
+            self.close()
+            raise
         self.total_size = sum(info.nbytes for _, info in items)
         if count > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -115,15 +192,43 @@ class ShardedWriter:
         offset = place.offset + row_start * row_numel(place.info.shape) * place.info.dtype.itemsize
         view = memoryview(data)
         fd = self._fds[place.file]
+        flusher = self._flusher
+        if flusher is not None and flusher.error is not None:
+            raise flusher.error
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
+        if flusher is not None:
+            with self._lock:
+                pending = self._unflushed[place.file] + done
+                self._unflushed[place.file] = 0 if pending >= FLUSH_BYTES else pending
+            if pending >= FLUSH_BYTES:
+                flusher.request(fd, place.file)
+
+    def _reserve(self, fd: int, size: int, need: int) -> None:
+        try:
+            preallocate(fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputError(
+                    f"not enough disk space for the output: need {need} bytes in {self.folder}",
+                    "free space or choose another output folder",
+                ) from exc
+            raise OutputError(f"cannot create {size} bytes of output in {self.folder}: {exc.strerror or exc}") from exc
 
     def close(self) -> None:
-        """Close the shards; :meth:`AtomicOutput.commit` makes them durable with the rest of the folder."""
+        """Close the shards; :meth:`AtomicOutput.commit` makes them durable with the rest of the folder.
+
+        The flusher is stopped first, so no fdatasync can run on a closed (or
+        reused) fd; a failure it hit is raised here once the fds are closed.
+        """
+        if self._flusher is not None:
+            self._flusher.stop()
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+        if self._flusher is not None and self._flusher.error is not None:
+            raise self._flusher.error
 
 
 class AtomicOutput:

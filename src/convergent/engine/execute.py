@@ -30,6 +30,7 @@ from convergent import determinism
 from convergent.checkpoint.source import TensorInfo, TensorSource
 from convergent.checkpoint.writer import AtomicOutput, ShardedWriter
 from convergent.durable import sha256_file
+from convergent.engine.buffers import ReadBuffers
 from convergent.engine.job import MergeJob, MergeResult, OutputTensor
 from convergent.errors import MergeInputError, RecipeError, suggest
 from convergent.strategies.api import ModelParams, Params, Strategy, TensorBlocks
@@ -47,9 +48,6 @@ CHUNK_ELEMENTS = 1 << 20
 #: when they take at most this share of a worker's budget; bigger tensors are
 #: re-read for each pass, which costs little from the page cache.
 HOLD_SHARE = 4
-#: Read buffers larger than this are freed when their tensor is done; smaller ones
-#: stay with their worker for the next tensor.
-RETAIN_BYTES = 32 << 20
 
 
 def layer_of(name: str) -> int | None:
@@ -336,59 +334,47 @@ def _layout(job: MergeJob, info: TensorInfo, n_inputs: int, strat: Strategy, raw
     return {"mode": "stream", "chunk_rows": chunk}
 
 
-class _WorkerSlots(threading.local):
-    def __init__(self) -> None:
-        self.slots: dict[int, torch.Tensor] = {}
-
-
-class _ReadBuffers:
-    """Each worker's reusable read buffers, one per input slot.
-
-    Reading into fresh memory page-faults every 4 kB, which made reads from the
-    page cache 3-5x slower than the copy itself; a worker reuses its buffers
-    from chunk to chunk and tensor to tensor. A tensor's values are views of
-    these buffers only while that tensor is being merged.
-    """
-
-    def __init__(self) -> None:
-        self._local = _WorkerSlots()
-
-    def get(self, slot: int, nbytes: int) -> torch.Tensor:
-        slots = self._local.slots
-        buf = slots.get(slot)
-        if buf is None or buf.numel() < nbytes:
-            slots.pop(slot, None)  # free the old one before the new one is allocated
-            buf = slots[slot] = torch.empty(max(1, nbytes), dtype=torch.uint8)
-        return buf
-
-    def trim(self) -> None:
-        """Free this worker's large buffers (bounded RSS between tensors)."""
-        slots = self._local.slots
-        for slot in [k for k, b in slots.items() if b.numel() > RETAIN_BYTES]:
-            del slots[slot]
-
-
 class _Executor:
     def __init__(self, job: MergeJob, plans: list[TensorPlan], writer: ShardedWriter):
         self.job = job
         self.plans = plans
         self.writer = writer
         self.budget = _ByteBudget(job.memory_limit)
-        self.buffers = _ReadBuffers()
+        self.buffers = ReadBuffers()
         self.total = sum(p.out.nbytes for p in plans)
         self.done = 0
         self._lock = threading.Lock()
 
-    def _load_raw(self, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int) -> torch.Tensor:
-        """Tensor ``name`` (or some rows) in its stored dtype, in this worker's buffer ``slot``."""
+    def _load_raw(
+        self, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int, probe: bool = True
+    ) -> torch.Tensor:
+        """Tensor ``name`` (or some rows) in its stored dtype, in this worker's buffer ``slot``.
+
+        ``probe``: check it for NaN/Inf (unless ``--allow-nonfinite``).
+        """
         info = src.info(name)
         count = (
             info.numel if rows is None or not info.shape else (rows[1] - rows[0]) * determinism.row_numel(info.shape)
         )
         raw = src.read(name, rows, out=self.buffers.get(slot, count * info.dtype.itemsize))
-        if info.dtype.is_floating_point and not self.job.allow_nonfinite:
+        if probe and info.dtype.is_floating_point and not self.job.allow_nonfinite:
             self._check_finite(raw, src, name)
         return raw
+
+    def _check_output(self, plan: TensorPlan, out: torch.Tensor, start: int) -> None:
+        """For strategies that propagate NaN/Inf: one probe of the output replaces one per input.
+
+        A non-finite output then names the input that caused it (read afresh:
+        held inputs stay untouched); when every input is finite, the output
+        simply overflowed, which is not an input error.
+        """
+        if self.job.allow_nonfinite or not plan.strategy.propagates_nonfinite:
+            return
+        if math.isfinite(float(out.sum())):
+            return
+        rows = (start, start + (out.shape[0] if out.dim() else 1)) if plan.info.shape else None
+        for src, name in self._sources(plan):
+            self._check_finite(src.read(name, rows), src, name)
 
     @staticmethod
     def _check_finite(raw: torch.Tensor, src: TensorSource, name: str) -> None:
@@ -401,9 +387,11 @@ class _Executor:
                 "fix the checkpoint, or pass --allow-nonfinite to merge anyway",
             )
 
-    def _load(self, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int) -> torch.Tensor:
+    def _load(
+        self, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int, probe: bool = True
+    ) -> torch.Tensor:
         """A float32 copy of the tensor or rows (its own memory: strategies may keep it)."""
-        return self._load_raw(src, rows, name, slot).to(torch.float32, copy=True)
+        return self._load_raw(src, rows, name, slot, probe).to(torch.float32, copy=True)
 
     def _load_stats(self, plan: TensorPlan, rows: tuple[int, int] | None) -> dict[str, list[torch.Tensor | None]]:
         out: dict[str, list[torch.Tensor | None]] = {}
@@ -446,8 +434,9 @@ class _Executor:
     def _read_inputs(self, plan: TensorPlan, rows: tuple[int, int] | None, raw: bool = False):
         """Base and models: float32 copies, or (``raw``) stored-dtype views of the read buffers."""
         load = self._load_raw if raw else self._load
-        base = load(plan.base, rows, plan.source_name, 0) if plan.base is not None else None
-        models = [load(m, rows, n, 1 + i) for i, (m, n) in enumerate(zip(plan.models, plan.model_names))]
+        probe = not plan.strategy.propagates_nonfinite  # else the output is checked (_check_output)
+        base = load(plan.base, rows, plan.source_name, 0, probe) if plan.base is not None else None
+        models = [load(m, rows, n, 1 + i, probe) for i, (m, n) in enumerate(zip(plan.models, plan.model_names))]
         return base, models
 
     def _key(self, plan: TensorPlan) -> bytes:
@@ -458,6 +447,7 @@ class _Executor:
         base, models = self._read_inputs(plan, None, raw=True)
 
         def sink(out: torch.Tensor, start: int) -> None:
+            self._check_output(plan, out, start)
             self.writer.write(plan.name, out.to(plan.out.dtype), start)
 
         run_strategy(
@@ -506,6 +496,7 @@ class _Executor:
         for start in range(0, total, plan.chunk_rows):
             stop = min(total, start + plan.chunk_rows)
             out = strat.apply(load(start, stop), prepared)
+            self._check_output(plan, out, start)
             self.writer.write(plan.name, out.to(plan.out.dtype), start)
 
     def run(self) -> None:

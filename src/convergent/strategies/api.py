@@ -154,6 +154,9 @@ class Strategy:
     memory: str
     statistics: tuple[str, ...]
     family: str
+    #: Every NaN/Inf in an input reaches the output (weighted sums): the engine
+    #: then checks each output chunk instead of every input chunk.
+    propagates_nonfinite: bool = False
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (``convergent strategies --json``)."""
@@ -218,12 +221,14 @@ def strategy(
     memory: str = "",
     statistics: tuple[str, ...] = (),
     family: str = "mergekit",
+    propagates_nonfinite: bool = False,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``fn(task, prepared) -> Tensor`` under ``name``.
 
     ``prepared`` is what ``prepare(blocks)`` returned, or None without one.
     ``memory`` states the peak working memory when the strategy cannot stream
-    (e.g. "whole tensor x (models + 2)").
+    (e.g. "whole tensor x (models + 2)"). ``propagates_nonfinite`` promises
+    that any NaN/Inf input element makes some output element non-finite.
     """
 
     def register(fn: ApplyFn) -> ApplyFn:
@@ -246,6 +251,7 @@ def strategy(
             memory=memory or ("streams in row chunks" if chunkable else "whole tensor per input"),
             statistics=statistics,
             family=family,
+            propagates_nonfinite=propagates_nonfinite,
         )
         return fn
 

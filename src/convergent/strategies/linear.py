@@ -41,6 +41,7 @@ def weighted_sum(
     model_params=LinearModelParams,
     base="none",
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
+    propagates_nonfinite=True,  # w * NaN, w * Inf and 0 * Inf are all non-finite
 )
 def linear(task: TensorTask[LinearParams, LinearModelParams], _: None) -> torch.Tensor:
     """Weighted average of the models' weights."""

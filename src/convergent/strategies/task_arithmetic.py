@@ -767,6 +767,8 @@ def register_gta(
         paper=paper,
         summary=summary,
         family=FAMILY,
+        # without sparsification or sign election every delta reaches the sum
+        propagates_nonfinite=sparsifier is None and not consensus,
     )(apply)
 
 
