@@ -203,6 +203,7 @@ def dir_bytes(folder: Path) -> int:
 
 def run_tool(tool: str, cmd: list[str], out_dir: Path, timeout_s: float) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
+    os.sync()  # the deletion's journal and discard work settles before the clock starts
     log(f"  $ {shlex.join(cmd)}")
     m = run_measured(cmd, timeout_s=timeout_s)
     sync_started = time.perf_counter()

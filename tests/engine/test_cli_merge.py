@@ -192,6 +192,24 @@ def test_console_script_exit_codes(tmp_path, llama_family):
     assert not (tmp_path / "o2").exists()
 
 
+def test_fast_exit_still_runs_exit_handlers_and_flushes(tmp_path, llama_family):
+    """The CLI skips interpreter teardown once torch is loaded; exit handlers and piped output survive it."""
+    _, tuned = llama_family
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, pathlib, sys\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+        "import torch  # the fast path is taken only with torch loaded\n"
+        "from convergent.cli.app import main\n"
+        f"sys.argv = ['convergent', 'inspect', {str(tuned[0])!r}, '--json']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tensors"] > 0  # the whole JSON document reached the pipe
+    assert marker.read_text() == "yes"
+
+
 def test_inspect_json(llama_family):
     base, _ = llama_family
     result = runner.invoke(app, ["inspect", str(base), "--json"])
