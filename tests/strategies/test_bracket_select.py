@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from convergent.strategies.api import TensorBlocks
 from convergent.strategies.bracket_select import MIN_NUMEL, kth_largest_bracketed
+from convergent.strategies.order_stats import MagnitudeSelect, kth_largest_abs_many
 from convergent.strategies.run import get_strategy, make_task, validate_model_params, validate_params
-from convergent.strategies.task_arithmetic import MagnitudeSelect, delta_streams, kth_largest_abs_many
+from convergent.strategies.task_arithmetic import delta_streams
 
 
 def _blocks(base: torch.Tensor, models: list[torch.Tensor]) -> TensorBlocks:

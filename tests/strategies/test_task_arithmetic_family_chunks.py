@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convergent import determinism
-from convergent.strategies import merge_tensors
+from convergent.strategies import merge_tensors, order_stats
 from convergent.strategies import task_arithmetic as ta
 
 from .test_task_arithmetic_family import ALL, assert_matches, inputs, model_params, ref_gta, ref_sce
@@ -36,7 +36,7 @@ def merge(method, base, models, params, *, seed=0, chunk_rows=None):
 def small_blocks(monkeypatch):
     """Blocks of 4096 elements and small pieces (straddling blocks), so small tensors span many of both."""
     monkeypatch.setattr(determinism, "BLOCK_ELEMENTS", 4096)
-    monkeypatch.setattr(ta, "STAT_PIECE", 1000)
+    monkeypatch.setattr(order_stats, "STAT_PIECE", 1000)
     monkeypatch.setattr(ta, "PIECE", 1500)
 
 
@@ -69,7 +69,7 @@ def test_tie_classes_straddling_blocks_chunk_invariantly(small_blocks, monkeypat
     for k in (1, 250):
         assert torch.equal(merge(name, base, models, params, chunk_rows=k), whole), k
     # the per-block tie counts recounted in an extra pass (summaries over their cap) give the same bytes
-    monkeypatch.setattr(ta, "SUMMARY_CAP", 0)
+    monkeypatch.setattr(order_stats, "SUMMARY_CAP", 0)
     assert torch.equal(merge(name, base, models, params, chunk_rows=1), whole)
 
 
@@ -78,7 +78,7 @@ def test_piece_sizes_do_not_change_the_bytes(monkeypatch, method):
     base, models = inputs((300, 50), seed=1)
     for params in VARIANTS[method]:
         default = merge(method, base, models, params, seed=2)
-        monkeypatch.setattr(ta, "STAT_PIECE", 999)
+        monkeypatch.setattr(order_stats, "STAT_PIECE", 999)
         monkeypatch.setattr(ta, "PIECE", 333)
         assert torch.equal(merge(method, base, models, params, seed=2), default)
         monkeypatch.undo()

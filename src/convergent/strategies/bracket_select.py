@@ -1,6 +1,6 @@
 """Exact k-th largest magnitudes in one pass over the data, guided by a sample.
 
-The radix select in ``task_arithmetic`` needs two full passes (a 16-bit
+The radix select in ``order_stats`` needs two full passes (a 16-bit
 histogram of every element, then the bucket's low bits), and histogramming
 costs about a nanosecond per element. Here a small sample of evenly spaced
 rows brackets the wanted value, ``lo <= v <= hi``, and one full pass then

@@ -25,10 +25,10 @@ import torch
 from pydantic import Field
 
 from convergent.strategies.api import ModelParams, Params, TensorBlocks, TensorTask, strategy
+from convergent.strategies.order_stats import MagnitudeSelect
 from convergent.strategies.task_arithmetic import (
     FAMILY,
     GRAIN,
-    MagnitudeSelect,
     TieClass,
     consensus_sum,
     keep_top,
