@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from convergent.checkpoint.source import TensorInfo, read_buffer
+from convergent.checkpoint.source import TensorInfo, read_buffer, read_exact
 from convergent.determinism import row_numel
 from convergent.errors import CheckpointError
 
@@ -123,11 +123,6 @@ class SafetensorsFile:
             offset, nbytes = begin + start * row_bytes, (stop - start) * row_bytes
             shape = (stop - start, *info.shape[1:])
         buf = read_buffer(out, nbytes)
-        view = memoryview(buf.numpy())
-        done = 0
-        while done < nbytes:
-            got = os.preadv(self._fd, [view[done:]], self.data_start + offset + done)
-            if got <= 0:
-                raise _corrupt(self.path, f"unexpected end of file while reading '{name}'")
-            done += got
+        if not read_exact(self._fd, buf, self.data_start + offset):
+            raise _corrupt(self.path, f"unexpected end of file while reading '{name}'")
         return buf.view(info.dtype).reshape(shape)

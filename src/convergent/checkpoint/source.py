@@ -6,6 +6,7 @@ and so do contributions in the store, so one engine serves both.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -62,3 +63,15 @@ def read_buffer(out: torch.Tensor | None, nbytes: int) -> torch.Tensor:
     if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < nbytes or not out.is_contiguous():
         raise ValueError(f"read buffer must be a contiguous 1-D uint8 tensor of at least {nbytes} bytes")
     return out[:nbytes]
+
+
+def read_exact(fd: int, buf: torch.Tensor, pos: int) -> bool:
+    """Fill ``buf`` (a flat uint8 tensor) from ``fd`` at ``pos``; False if the file ends first."""
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], pos + done)
+        if got <= 0:
+            return False
+        done += got
+    return True

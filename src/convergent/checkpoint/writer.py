@@ -214,7 +214,10 @@ class ShardedWriter:
                     f"not enough disk space for the output: need {need} bytes in {self.folder}",
                     "free space or choose another output folder",
                 ) from exc
-            raise OutputError(f"cannot create {size} bytes of output in {self.folder}: {exc.strerror or exc}") from exc
+            raise OutputError(
+                f"cannot create {size} bytes of output in {self.folder}: {exc.strerror or exc}",
+                "check that the output folder is writable, or choose another one",
+            ) from exc
 
     def close(self) -> None:
         """Close the shards; :meth:`AtomicOutput.commit` makes them durable with the rest of the folder.

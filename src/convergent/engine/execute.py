@@ -276,7 +276,8 @@ def _check_tensor(
     models: list[TensorSource],
     reference: TensorSource,
     names: _NameSets,
-) -> TensorInfo:
+) -> tuple[TensorInfo, int]:
+    """The reference info of tensor ``name`` and the widest stored itemsize among its inputs."""
     sources = ([base] if base is not None else []) + models
     wanted = ([name] if base is not None else []) + model_names
     infos: list[TensorInfo] = []

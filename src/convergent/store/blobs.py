@@ -375,7 +375,7 @@ class BlobStore:
         positional read straight into a fresh tensor, or into ``out`` (see
         ``TensorSource.read``), with no header parse and no zero fill.
         """
-        from convergent.checkpoint.source import read_buffer
+        from convergent.checkpoint.source import read_buffer, read_exact
 
         tdtype = torch_dtype(dtype)
         offset = _header_len(dtype, tuple(shape))
@@ -394,14 +394,8 @@ class BlobStore:
         buf = read_buffer(out, nbytes)
         if nbytes:
             fd = self._fds().get(digest, self.path(digest))
-            view = memoryview(buf.numpy())
-            pos = offset + start * row_elems * itemsize
-            done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [view[done:]], pos + done)
-                if got <= 0:
-                    raise IntegrityError(f"blob {digest[:12]}… is truncated", "run 'convergent fsck'")
-                done += got
+            if not read_exact(fd, buf, offset + start * row_elems * itemsize):
+                raise IntegrityError(f"blob {digest[:12]}… is truncated", "run 'convergent fsck'")
         return buf.view(tdtype).reshape(out_shape)
 
     def _fds(self) -> _FdCache:

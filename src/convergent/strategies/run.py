@@ -135,16 +135,14 @@ def merge_tensors(
     mps = [validate_model_params(strat, p) for p in (model_params or [{}] * len(models))]
     if len(mps) != len(models):
         raise RecipeError(f"{len(models)} models but {len(mps)} model parameter sets")
-    base32 = base.to(torch.float32) if base is not None else None
-    models32 = [m.to(torch.float32) for m in models]
-    shape = tuple(models32[0].shape) if models32 else tuple(base32.shape)  # type: ignore[union-attr]
+    shape = tuple(models[0].shape) if models else tuple(base.shape)  # type: ignore[union-attr]
     key = determinism.seed_key(seed, name)
     return run_strategy(
         strat,
         name,
         shape,
-        base32,
-        models32,
+        base,  # converted to float32 chunk by chunk
+        models,
         gp,
         mps,
         key,
