@@ -11,7 +11,7 @@ from convergent.strategies.api import TensorBlocks
 from convergent.strategies.bracket_select import MIN_NUMEL, kth_largest_bracketed
 from convergent.strategies.order_stats import MagnitudeSelect, kth_largest_abs_many
 from convergent.strategies.run import get_strategy, make_task, validate_model_params, validate_params
-from convergent.strategies.task_arithmetic import delta_streams
+from convergent.strategies.task_arithmetic import DeltaStreams
 
 
 def _blocks(base: torch.Tensor, models: list[torch.Tensor]) -> TensorBlocks:
@@ -35,15 +35,22 @@ def _blocks(base: torch.Tensor, models: list[torch.Tensor]) -> TensorBlocks:
     return TensorBlocks("w", tuple(base.shape), params, mps, load)
 
 
-def _family(seed: int, rows: int, cols: int, dtype: torch.dtype, n: int = 2):
+def _family(seed: int, rows: int, cols: int, dtype: torch.dtype, n: int = 2, stored: bool = False):
+    """Values of ``dtype``, held as float32 or (``stored``) in ``dtype`` itself, as the ``ties`` family gets them.
+
+    Stored float32/bfloat16 inputs take the fused tally (``fused_kernels.bracket_tally``);
+    the radix select reference always goes through float32 tensors.
+    """
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(rows, cols, generator=gen).to(dtype).float()
     models = [(base + 0.01 * torch.randn(rows, cols, generator=gen)).to(dtype).float() for _ in range(n)]
+    if stored:
+        return base.to(dtype), [m.to(dtype) for m in models]
     return base, models
 
 
 def _radix(blocks, wanted):
-    return MagnitudeSelect(blocks, delta_streams, list(wanted)).kth_largest(wanted)
+    return MagnitudeSelect(blocks, DeltaStreams, list(wanted)).kth_largest(wanted)
 
 
 @settings(max_examples=12, deadline=None)
@@ -52,14 +59,15 @@ def _radix(blocks, wanted):
     rows=st.sampled_from([256, 300, 1031]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     fracs=st.lists(st.floats(0.001, 0.999), min_size=1, max_size=3),
+    stored=st.booleans(),
 )
-def test_bracketed_equals_radix_select(seed, rows, dtype, fracs):
-    base, models = _family(seed, rows, 1024, dtype)
+def test_bracketed_equals_radix_select(seed, rows, dtype, fracs, stored):
+    base, models = _family(seed, rows, 1024, dtype, stored=stored)
     assert base.numel() >= MIN_NUMEL
     blocks = _blocks(base, models)
     numel = base.numel()
     wanted = {i: [max(1, int(f * numel)) for f in fracs] for i in range(len(models))}
-    found = kth_largest_bracketed(blocks, delta_streams, wanted)
+    found = kth_largest_bracketed(blocks, DeltaStreams, wanted)
     exact = _radix(blocks, wanted)
     hits = 0
     for i in wanted:
@@ -88,8 +96,8 @@ def test_a_missed_bracket_is_reported_and_the_merge_falls_back_exactly():
     model = torch.where(quiet[:, None], torch.full((rows, cols), 1e-3), loud)
     blocks = _blocks(base, [model])
     wanted = {0: [rows * cols // 2]}
-    assert kth_largest_bracketed(blocks, delta_streams, wanted)[0] == [None]
-    got = kth_largest_abs_many(blocks, delta_streams, wanted)[0][0]
+    assert kth_largest_bracketed(blocks, DeltaStreams, wanted)[0] == [None]
+    got = kth_largest_abs_many(blocks, DeltaStreams, wanted)[0][0]
     ref = _radix(blocks, wanted)[0][0]
     assert got == ref
     assert got.value == float(torch.topk(model.flatten().abs(), wanted[0][0]).values[-1])
@@ -105,16 +113,17 @@ def test_one_dimensional_tensors_are_sampled_in_runs():
     model = base + 0.01 * torch.randn(300_000, generator=gen)
     blocks = _blocks(base, [model])
     wanted = {0: [100_000]}
-    assert kth_largest_bracketed(blocks, delta_streams, wanted)[0][0] is not None
-    assert kth_largest_abs_many(blocks, delta_streams, wanted)[0] == _radix(blocks, wanted)[0]
+    assert kth_largest_bracketed(blocks, DeltaStreams, wanted)[0][0] is not None
+    assert kth_largest_abs_many(blocks, DeltaStreams, wanted)[0] == _radix(blocks, wanted)[0]
 
 
+@pytest.mark.parametrize("stored", [False, True])
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])
-def test_non_finite_magnitudes_count_as_largest(special):
-    base, models = _family(3, 512, 1024, torch.bfloat16, n=1)
+def test_non_finite_magnitudes_count_as_largest(special, stored):
+    base, models = _family(3, 512, 1024, torch.bfloat16, n=1, stored=stored)
     models[0][::7, ::5] = special
     blocks = _blocks(base, models)
     numel = base.numel()
     wanted = {0: [numel // 2, numel // 10]}
-    got = kth_largest_abs_many(blocks, delta_streams, wanted)[0]
+    got = kth_largest_abs_many(blocks, DeltaStreams, wanted)[0]
     assert got == _radix(blocks, wanted)[0]

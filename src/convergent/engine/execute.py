@@ -19,8 +19,9 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -474,7 +475,7 @@ class _Executor:
 
         def load(start: int, stop: int):
             rows = (start, stop)
-            base, models = self._read_inputs(plan, rows)
+            base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs)
             return make_task(
                 strat,
                 plan.name,
@@ -544,10 +545,32 @@ def _single_threaded_torch():
         torch.set_num_threads(before)
 
 
+def _start_warm_ups(plans: list[TensorPlan]) -> list[threading.Thread]:
+    """Start the strategies' warm-ups on threads of their own: they overlap the first reads.
+
+    A failing warm-up is ignored; the same failure then surfaces, with its
+    context, where the strategy really runs. The caller joins the threads, so
+    none outlives the merge.
+    """
+
+    def quietly(fn: Callable[[], None]) -> None:
+        with suppress(Exception):
+            fn()
+
+    threads = [
+        threading.Thread(target=quietly, args=(fn,), name="warm-up", daemon=True)
+        for fn in {p.strategy.warm_up for p in plans if p.strategy.warm_up is not None}
+    ]
+    for t in threads:
+        t.start()
+    return threads
+
+
 def run_merge(job: MergeJob, hash_outputs: bool = True) -> MergeResult:
     """Plan, execute and atomically write ``job``; returns the files written with sha256."""
     started = time.perf_counter()
     plans = plan_merge(job)
+    warm_ups = _start_warm_ups(plans)
     _keep_freed_memory()
     with AtomicOutput(job.out_dir, job.overwrite) as output:
         writer = ShardedWriter(output.tmp, [(p.name, p.out) for p in plans], job.max_shard_size)
@@ -556,6 +579,8 @@ def run_merge(job: MergeJob, hash_outputs: bool = True) -> MergeResult:
                 _Executor(job, plans, writer).run()
         finally:
             writer.close()
+            for t in warm_ups:
+                t.join()
         for name, src in sorted(job.files.items()):
             shutil.copyfile(src, output.tmp / name)
         for name, data in sorted(job.extra_files.items()):

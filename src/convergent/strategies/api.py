@@ -3,7 +3,10 @@
 A strategy is a pure function from the inputs of one tensor to the merged
 tensor. It never reads files, never touches a global RNG and never casts to the
 output dtype: the engine does the I/O, hands it float32 tensors in canonical
-order, and casts once at the end.
+order, and casts once at the end. (A strategy declared with ``raw_inputs``
+gets the tensors in their stored floating dtype instead and converts what it
+reads itself, so fused kernels can decode bfloat16 on the fly; its arithmetic
+is float32 all the same.)
 
 Two shapes of strategy exist, both declared with :func:`strategy`:
 
@@ -157,6 +160,12 @@ class Strategy:
     #: Every NaN/Inf in an input reaches the output (weighted sums): the engine
     #: then checks each output chunk instead of every input chunk.
     propagates_nonfinite: bool = False
+    #: ``base``/``models`` come in their stored floating dtype (float32, bfloat16,
+    #: float16 or float64) as read-only views valid for the call, not as float32 copies.
+    raw_inputs: bool = False
+    #: Called once, on a background thread, when a merge using the strategy
+    #: starts (e.g. loads compiled kernels while the first tensors are read).
+    warm_up: Callable[[], None] | None = None
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description (``convergent strategies --json``)."""
@@ -222,6 +231,8 @@ def strategy(
     statistics: tuple[str, ...] = (),
     family: str = "mergekit",
     propagates_nonfinite: bool = False,
+    raw_inputs: bool = False,
+    warm_up: Callable[[], None] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``fn(task, prepared) -> Tensor`` under ``name``.
 
@@ -229,6 +240,9 @@ def strategy(
     ``memory`` states the peak working memory when the strategy cannot stream
     (e.g. "whole tensor x (models + 2)"). ``propagates_nonfinite`` promises
     that any NaN/Inf input element makes some output element non-finite.
+    ``raw_inputs``: the task's tensors keep their stored dtype (see ``Strategy``);
+    the strategy must convert to float32 before any arithmetic, and must not
+    write into them or keep them past the call.
     """
 
     def register(fn: ApplyFn) -> ApplyFn:
@@ -252,6 +266,8 @@ def strategy(
             statistics=statistics,
             family=family,
             propagates_nonfinite=propagates_nonfinite,
+            raw_inputs=raw_inputs,
+            warm_up=warm_up,
         )
         return fn
 

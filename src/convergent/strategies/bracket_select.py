@@ -31,6 +31,8 @@ from convergent.strategies.api import TensorBlocks, TensorTask
 #: a stream of values for the order statistics: called once per block, returns
 #: ``piece(i, start, stop, out)`` giving stream i's flat elements [start, stop)
 #: of the block (written to ``out`` or a new tensor; the caller overwrites it).
+#: A piece may also offer ``piece.raw(i, start, stop)``: the (model, base)
+#: arrays whose ``|model - base|`` the stream is, for the fused tally (or None).
 Streams = Callable[[TensorTask[Any, Any]], Callable[[int, int, int, torch.Tensor], torch.Tensor]]
 
 #: Tensors smaller than this go straight to the radix select (already cheap).
@@ -120,13 +122,20 @@ def kth_largest_bracketed(
         total = blk.models[0].numel() if blk.models else 0
         for tally in tallies.values():
             tally.new_block()
+        raw = getattr(piece, "raw", None)
         for start in range(0, total, PIECE):
             stop = min(total, start + PIECE)
             for i, keys in keys_of.items():
-                if keys:
-                    magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()
+                if not keys:
+                    continue
+                pair = raw(i, start, stop) if raw is not None else None
+                if pair is not None:
                     for key in keys:
-                        tallies[key].add(magnitudes)
+                        tallies[key].add_raw(*pair, inside=scratch.numpy())
+                    continue
+                magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()
+                for key in keys:
+                    tallies[key].add(magnitudes)
     for (i, pos), tally in tallies.items():
         result[i][pos] = tally.select(wanted[i][pos])
     return result
@@ -160,6 +169,19 @@ class _Tally:
             self.at_lo[-1] += int(np.count_nonzero(magnitudes == self.lo))
             below_hi &= magnitudes > self.lo
             self.inside[-1].append(magnitudes[below_hi])
+
+    def add_raw(self, model: np.ndarray, base: np.ndarray, inside: np.ndarray) -> None:
+        """``add(|model - base|)`` in one fused pass over the stored bytes (``inside``: scratch of >= len(base))."""
+        from convergent.strategies import fused_kernels
+
+        above, at_hi, at_lo, n_inside = fused_kernels.bracket_tally(
+            model, base, self.lo.view(np.uint32), self.hi.view(np.uint32), inside
+        )
+        self.above += above
+        self.at_hi[-1] += at_hi
+        if self.lo < self.hi:
+            self.at_lo[-1] += at_lo
+            self.inside[-1].append(inside[:n_inside].copy())
 
     def select(self, k: int) -> OrderStat | None:
         """The exact k-th largest, or None when it is not inside the bracket."""

@@ -172,8 +172,8 @@ def run_strategy(
     """Apply ``strat`` to tensors in memory, whole or chunk by chunk.
 
     Inputs may be in any floating dtype; each block or chunk is converted to
-    float32 as it is handed to the strategy, so bfloat16 inputs are held at half
-    the memory.
+    float32 as it is handed to the strategy (unless it takes ``raw_inputs``),
+    so bfloat16 inputs are held at half the memory.
 
     With ``sink``, each chunk's result is handed to ``sink(out, row_start)``
     as soon as it is computed (and None is returned), so only one chunk of
@@ -181,6 +181,7 @@ def run_strategy(
     """
     total = determinism.num_rows(shape)
     extras = extras or {}
+    rows_of = _rows if strat.raw_inputs else _rows32
 
     def load(start: int, stop: int) -> TensorTask[Any, Any]:
         return make_task(
@@ -188,8 +189,8 @@ def run_strategy(
             name,
             shape,
             (start, stop),
-            _rows32(base, start, stop),
-            [_rows32(m, start, stop) for m in models],
+            rows_of(base, start, stop),
+            [rows_of(m, start, stop) for m in models],
             params,
             model_params,
             key,

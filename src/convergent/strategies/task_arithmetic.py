@@ -43,9 +43,9 @@ sparsifying methods live in ``ties``, ``dare``, ``breadcrumbs`` and ``della``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -122,6 +122,14 @@ def below(threshold: float) -> float:
     return -bits_f32(1)  # any negative value: hardshrink then keeps everything
 
 
+def above(threshold: float) -> float:
+    """The smallest float32 strictly above a finite non-negative float32 ``threshold``.
+
+    ``|x| < above(t)`` exactly when ``|x| <= t``.
+    """
+    return bits_f32(f32_bits(threshold) + 1)
+
+
 def keep_at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """Zero, in place, the elements with ``|x| < threshold`` (one fused pass)."""
     return torch.hardshrink(x, below(threshold), out=x)
@@ -140,16 +148,51 @@ def keep_at_most(x: torch.Tensor, threshold: float) -> torch.Tensor:
 GRAIN = 1 << 15
 
 
-def delta_streams(blk: TensorTask[Any, Any]) -> Callable[[int, int, int, Tensor], Tensor]:
-    """Streams of the task vectors ``model_i - base`` of a block."""
-    assert blk.base is not None
-    base = blk.base.reshape(-1)
-    models = [m.reshape(-1) for m in blk.models]
+def as_f32(t: Tensor) -> Tensor:
+    """``t`` in float32 (the family takes raw inputs: see ``Strategy.raw_inputs``)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
-    def piece(i: int, start: int, stop: int, out: Tensor) -> Tensor:
-        return torch.sub(models[i][start:stop], base[start:stop], out=out)
 
-    return piece
+#: stored dtypes that float32 arithmetic may take directly: promotion converts them exactly.
+_EXACT_IN_F32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def sub_into(model: Tensor, base32: Tensor, out: Tensor) -> Tensor:
+    """``float32(model) - base32`` into ``out``, whatever the model's floating dtype."""
+    if model.dtype in _EXACT_IN_F32:
+        return torch.sub(model, base32, out=out)  # promoted to float32 inside the kernel
+    return out.copy_(model).sub_(base32)  # float64 rounds to float32 first, as everywhere else
+
+
+class DeltaStreams:
+    """The task vectors ``model_i - base`` of a block, as flat float32 pieces (see ``bracket_select.Streams``).
+
+    ``raw`` offers the stored bytes to fused kernels instead, when base and
+    model are both float32 or both bfloat16.
+    """
+
+    def __init__(self, blk: TensorTask[Any, Any]):
+        assert blk.base is not None
+        self._raw_base = blk.base.reshape(-1)
+        self._base: Tensor | None = None
+        self._models = [m.reshape(-1) for m in blk.models]
+
+    def __call__(self, i: int, start: int, stop: int, out: Tensor) -> Tensor:
+        if self._base is None:
+            self._base = as_f32(self._raw_base)
+        return sub_into(self._models[i][start:stop], self._base[start:stop], out)
+
+    def raw(self, i: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(model, base) elements [start, stop) as arrays for ``fused_kernels``, or None."""
+        model, base = self._models[i], self._raw_base
+        if base.dtype != model.dtype or base.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return raw_array(model[start:stop]), raw_array(base[start:stop])
+
+
+def raw_array(t: Tensor) -> np.ndarray:
+    """A float32 or bfloat16 tensor as the numpy array the fused kernels take (bfloat16 as uint16 bits)."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @dataclass(frozen=True)
@@ -309,6 +352,125 @@ def consensus_sum(
     return acc, div
 
 
+def consensus_merge(
+    deltas: Tensor, base: Tensor, weights: Sequence[float], method: str, normalize: bool, lam: float, out: Tensor
+) -> Tensor:
+    """TIES' sign election and disjoint mean of ``deltas`` (n x m), written to ``out`` as ``base + lam * merged``.
+
+    One fused pass (:func:`convergent.strategies.fused_kernels.consensus_merge`)
+    with mergekit's semantics: majority sign +1 where the sum of the weighted
+    deltas (``count``: of their signs) is >= 0; only deltas of that sign are
+    summed; with ``normalize`` the sum is divided by their weights' sum (1
+    where no model agrees).
+    """
+    from convergent.strategies import fused_kernels
+
+    if method not in ("sum", "count"):
+        raise ValueError(f"unknown consensus method {method!r}")
+    fused_kernels.consensus_merge(
+        deltas.numpy(),
+        base.numpy(),
+        np.asarray(weights, dtype=np.float32),
+        method == "count",
+        normalize,
+        np.float32(lam),
+        out.numpy(),
+    )
+    return out
+
+
+@dataclass
+class _FusedTies:
+    """One chunk of a sign-consensus merge through :func:`fused_kernels.ties_merge`, piece by piece.
+
+    Used when every input is float32, or every input bfloat16, and the
+    sparsifier (if any) declares its pieces' cuts; a piece whose cut it cannot
+    declare (a tie rule to walk) takes the tensor path, which gives the same bits.
+    """
+
+    sparsifier: Sparsifier | None
+    model_params: Sequence[Any]
+    states: Sequence[ModelState | None]
+    contexts: Sequence[Any]
+    weights: np.ndarray
+    scales: np.ndarray
+    count: bool
+    normalize: bool
+    lam: np.float32
+
+    @classmethod
+    def of(
+        cls,
+        sparsifier: Sparsifier | None,
+        task: TensorTask[Any, Any],
+        states: Sequence[ModelState | None],
+        contexts: Sequence[Any],
+        weights: Sequence[float],
+        lam_value: float,
+    ) -> _FusedTies | None:
+        assert task.base is not None
+        dtype = task.base.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or any(m.dtype != dtype for m in task.models):
+            return None
+        if sparsifier is not None and type(sparsifier).cut is Sparsifier.cut:
+            return None
+        p = task.params
+        return cls(
+            sparsifier,
+            task.model_params,
+            states,
+            contexts,
+            np.asarray(weights, dtype=np.float32),
+            np.asarray([1.0 if s is None or s.scale is None else s.scale for s in states], dtype=np.float32),
+            p.consensus_method == "count",
+            bool(p.normalize),
+            np.float32(lam_value),
+        )
+
+    def merge(self, base: Tensor, models: Sequence[Tensor], start: int, stop: int, out: Tensor) -> bool:
+        """Merge the flat piece ``start:stop`` into ``out``; False (nothing done) if a cut is unknown."""
+        from convergent.strategies import fused_kernels
+
+        n = len(models)
+        cuts = np.full(n, KEEP_ALL, dtype=np.float32)
+        tie_value = np.zeros(n, dtype=np.float32)
+        tie_from = np.full(n, stop - start, dtype=np.int64)  # the end: no tie rule
+        tie_keep = np.zeros(n, dtype=np.int64)
+        tie_seen = np.zeros(n, dtype=np.int64)
+        cursors: dict[int, TieCursor] = {}
+        for i, state in enumerate(self.states):
+            if self.sparsifier is None or state is None:
+                continue
+            cut = self.sparsifier.cut(self.contexts[i], start, stop, self.model_params[i], state)
+            if cut is None:
+                return False
+            cuts[i] = cut.drop_below
+            if cut.ties is not None:
+                ties = cursors[i] = cut.ties
+                tie_value[i] = ties.value
+                tie_from[i] = max(0, ties.cut_start - (ties.offset + start))
+                tie_keep[i], tie_seen[i] = ties.keep, ties.seen
+        fused_kernels.ties_merge(
+            raw_array(base[start:stop]),
+            tuple(raw_array(m[start:stop]) for m in models),
+            cuts,
+            cuts == ZERO_ALL,
+            tie_value,
+            tie_from,
+            tie_keep,
+            tie_seen,
+            self.scales,
+            self.weights,
+            self.count,
+            self.normalize,
+            self.lam,
+            out[start:stop].numpy(),
+        )
+        for i, ties in cursors.items():
+            ties.seen = int(tie_seen[i])
+        return True
+
+
 def fix_zero_divisor(div: Tensor, weights: Sequence[float]) -> Tensor:
     """mergekit's ``divisor[divisor == 0] = 1``, in place.
 
@@ -369,6 +531,31 @@ class Sparsifier:
         """The sparsified (not yet rescaled) flat piece ``start:stop`` of the chunk; may overwrite ``delta``."""
         raise NotImplementedError
 
+    def cut(self, context: Any, start: int, stop: int, mp: Any, state: ModelState) -> PieceCut | None:
+        """``sparsify`` of this piece as a magnitude cut, when it is one; else None.
+
+        None (random draws, bands) sends the piece through the tensor path
+        instead of the fused kernel.
+        """
+        return None
+
+
+class PieceCut(NamedTuple):
+    """``Sparsifier.sparsify`` of one piece as the fused kernel does it.
+
+    Deltas with ``|delta| < drop_below`` are zeroed (``ZERO_ALL``: all of them);
+    then ``ties``, if given, walks its tie rule over the piece (and advances).
+    """
+
+    drop_below: float
+    ties: TieCursor | None = None
+
+
+#: ``Sparsifier.cut``: the piece is zeroed whole.
+ZERO_ALL = float("inf")
+#: ``Sparsifier.cut``: nothing is zeroed.
+KEEP_ALL = -1.0
+
 
 def keep_below(u: Tensor, p: Tensor | float) -> Tensor:
     """Float 1/0 mask of ``u < p``, computed in place in ``u`` without boolean tensors.
@@ -386,7 +573,7 @@ def keep_below(u: Tensor, p: Tensor | float) -> Tensor:
 
 def delta_of(blk: TensorTask[Any, Any], i: int) -> Tensor:
     assert blk.base is not None
-    return torch.sub(blk.models[i], blk.base)
+    return sub_into(blk.models[i], as_f32(blk.base), torch.empty(blk.base.shape))
 
 
 def square_sum(values: Tensor) -> float:
@@ -416,7 +603,7 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
     if not any(active) or numel == 0:
         return None
     ranks = {i: sparsifier.ranks(numel, mp) for i, mp in enumerate(mps) if active[i]}
-    stats = kth_largest_abs_many(blocks, delta_streams, ranks)
+    stats = kth_largest_abs_many(blocks, DeltaStreams, ranks)
     states: list[ModelState | None] = [
         ModelState(sparsifier.plan(numel, mp, stats.get(i, ())), sparsifier.whole(blocks, i, mp)) if active[i] else None
         for i, mp in enumerate(mps)
@@ -426,7 +613,7 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
         after = [0.0] * len(mps)
         scratch = torch.empty(order_stats.STAT_PIECE)
         for blk in blocks.blocks():
-            piece = delta_streams(blk)
+            piece = DeltaStreams(blk)
             contexts = {i: sparsifier.context(blk, i, mps[i], st) for i, st in enumerate(states) if st is not None}
             for start, stop in pieces(blk):
                 for i, ctx in contexts.items():
@@ -461,7 +648,7 @@ def gta_apply(
     if base is None:
         raise ValueError(f"{task.name}: this strategy needs a base model")
     if not task.models:
-        return base.clone()
+        return base.to(torch.float32, copy=True)
     p = task.params
     n = len(task.models)
     weights = [float(torch.tensor(mp.weight, dtype=torch.float32)) for mp in task.model_params]
@@ -473,11 +660,12 @@ def gta_apply(
     base_flat = base.reshape(-1)
     flats = [m.reshape(-1) for m in task.models]
     total = base_flat.numel()
-    out = torch.empty_like(base_flat)
+    out = torch.empty(total)
     piece = min(PIECE, max(1, total))
-    bufs = [torch.empty(piece) for _ in range(n)]
-    sign_buf, acc_buf, div_buf = torch.empty(piece), torch.empty(piece), torch.empty(piece)
-    ones = torch.ones(piece) if consensus else None
+    # one buffer for the n deltas of a piece, so the fused kernel sees an n x size array
+    stack = torch.empty(n * piece)
+    base32 = torch.empty(piece)
+    fused = _FusedTies.of(sparsifier, task, states, contexts, weights, lam(p)) if consensus else None
     scale_total = 1.0
     if not consensus and p.normalize:
         summed = float(torch.tensor(weights, dtype=torch.float32).sum())
@@ -486,10 +674,15 @@ def gta_apply(
     for start in range(0, total, piece):
         stop = min(total, start + piece)
         size = stop - start
+        if fused is not None and fused.merge(base_flat, flats, start, stop, out):
+            continue
         b = base_flat[start:stop]
+        if b.dtype != torch.float32:
+            b = base32[:size].copy_(b)
+        rows = stack[: n * size].view(n, size)
         deltas = []
         for i in range(n):
-            d = torch.sub(flats[i][start:stop], b, out=bufs[i][:size])
+            d = sub_into(flats[i][start:stop], b, rows[i])
             state = states[i]
             if sparsifier is not None and state is not None:
                 d = sparsifier.sparsify(d, contexts[i], start, stop, task.model_params[i], state)
@@ -497,22 +690,17 @@ def gta_apply(
                     d.mul_(state.scale)
             if weights[i] != 1:
                 d.mul_(weights[i])
+            if consensus and d.data_ptr() != rows[i].data_ptr():
+                rows[i].copy_(d)
             deltas.append(d)
         if consensus:
-            assert ones is not None
-            sign = majority_sign(deltas, p.consensus_method, out=sign_buf[:size], ones=ones[:size])
-            acc, div = consensus_sum(
-                deltas, sign, weights if p.normalize else None, acc=acc_buf[:size], div=div_buf[:size]
-            )
-            if div is not None:
-                acc.div_(fix_zero_divisor(div, weights))
-            acc.mul_(sign)
-        else:
-            acc = deltas[0]
-            for d in deltas[1:]:
-                acc.add_(d)
-            if scale_total != 1.0:
-                acc.div_(scale_total)
+            consensus_merge(rows, b, weights, p.consensus_method, p.normalize, lam_value, out[start:stop])
+            continue
+        acc = deltas[0]
+        for d in deltas[1:]:
+            acc.add_(d)
+        if scale_total != 1.0:
+            acc.div_(scale_total)
         if lam_value != 1:
             acc.mul_(lam_value)
         torch.add(acc, b, out=out[start:stop])
@@ -557,7 +745,15 @@ def register_gta(
         family=FAMILY,
         # without sparsification or sign election every delta reaches the sum
         propagates_nonfinite=sparsifier is None and not consensus,
+        raw_inputs=True,
+        warm_up=_load_kernels if consensus or sparsifier is not None else None,
     )(apply)
+
+
+def _load_kernels() -> None:
+    from convergent.strategies import fused_kernels
+
+    fused_kernels.warm_up()
 
 
 register_gta(

@@ -10,6 +10,7 @@ averages the agreeing deltas.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,12 +18,15 @@ from torch import Tensor
 
 from convergent.strategies.api import TensorTask
 from convergent.strategies.task_arithmetic import (
+    ZERO_ALL,
     GtaModelParams,
     ModelState,
     OrderStat,
+    PieceCut,
     Sparsifier,
     TieClass,
     TieCursor,
+    above,
     keep_top,
     register_gta,
     tie_class,
@@ -52,6 +56,18 @@ class Magnitude(Sparsifier):
         if state.plan is None:
             return delta.zero_()
         return keep_top(delta, state.plan[0], context, start, stop)
+
+    def cut(self, context: TieCursor | None, start: int, stop: int, mp: Any, state: ModelState) -> PieceCut | None:
+        """``sparsify`` as a cut: ``|delta| >= threshold`` kept, then the tie rule (``> threshold`` past it)."""
+        if state.plan is None:
+            return PieceCut(ZERO_ALL)
+        threshold = state.plan[0]
+        if not math.isfinite(threshold):
+            return None  # inputs with Inf/NaN: the tensor path
+        fate = True if context is None else context.survive(start, stop)
+        if fate is None:
+            return PieceCut(threshold, context)
+        return PieceCut(threshold if fate else above(threshold))
 
 
 register_gta(
