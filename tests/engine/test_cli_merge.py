@@ -118,15 +118,16 @@ def test_other_architectures_load(tmp_path, family, request):
     assert torch.equal(merged[name], expected)
 
 
-def test_output_bytes_identical_across_threads_and_chunking(tmp_path, llama_family):
-    _, tuned = llama_family
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        {
-            "merge_method": "linear",
-            "models": [{"model": str(p), "parameters": {"weight": i + 0.5}} for i, p in enumerate(tuned)],
-        },
-    )
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_output_bytes_identical_across_threads_and_chunking(tmp_path, llama_family, method):
+    # ties runs fused kernels on the stored bfloat16 bytes, dare_ties the tensor path: both held and streamed
+    base, tuned = llama_family
+    params = {"weight": 0.5} if method == "linear" else {"weight": 0.7, "density": 0.4}
+    models = [{"model": str(p), "parameters": {**params, "weight": i + params["weight"]}} for i, p in enumerate(tuned)]
+    spec = {"merge_method": method, "models": models}
+    if method != "linear":
+        spec["base_model"] = str(base)
+    recipe = write_recipe(tmp_path / "r.yaml", spec)
     hashes = set()
     for threads, memory in [(1, "2GB"), (2, "2GB"), (4, "64KB"), (3, "10KB")]:
         report = merge_cli(
