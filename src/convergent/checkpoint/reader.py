@@ -67,6 +67,17 @@ class Checkpoint:
     def read(self, name: str, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._file(name).read(name, rows, out)
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """A mapped, copy-on-write view of the tensor (or rows), or None where only ``read`` works."""
+        f = self._file(name)
+        return f.view(name, rows) if isinstance(f, SafetensorsFile) else None
+
+    def release(self, name: str) -> None:
+        """Drop what ``view`` mapped for ``name`` from this process's memory."""
+        f = self._file(name)
+        if isinstance(f, SafetensorsFile):
+            f.release(name)
+
     def files(self) -> dict[str, Path]:
         """Config and tokenizer files beside the weights (name -> path)."""
         if self._folder is None:

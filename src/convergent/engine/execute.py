@@ -350,15 +350,19 @@ class _Executor:
     def _load_raw(
         self, src: TensorSource, rows: tuple[int, int] | None, name: str, slot: int, probe: bool = True
     ) -> torch.Tensor:
-        """Tensor ``name`` (or some rows) in its stored dtype, in this worker's buffer ``slot``.
+        """Tensor ``name`` (or some rows) in its stored dtype: mapped from the file, or read into buffer ``slot``.
+
+        Valid until the plan's inputs are released (``_release``) or the slot is read again.
 
         ``probe``: check it for NaN/Inf (unless ``--allow-nonfinite``).
         """
         info = src.info(name)
-        count = (
-            info.numel if rows is None or not info.shape else (rows[1] - rows[0]) * determinism.row_numel(info.shape)
-        )
-        raw = src.read(name, rows, out=self.buffers.get(slot, count * info.dtype.itemsize))
+        mapped = getattr(src, "view", None)
+        raw = mapped(name, rows) if mapped is not None else None
+        if raw is None:
+            whole = rows is None or not info.shape
+            count = info.numel if whole else (rows[1] - rows[0]) * determinism.row_numel(info.shape)  # type: ignore[index]
+            raw = src.read(name, rows, out=self.buffers.get(slot, count * info.dtype.itemsize))
         if probe and info.dtype.is_floating_point and not self.job.allow_nonfinite:
             self._check_finite(raw, src, name)
         return raw
@@ -412,6 +416,7 @@ class _Executor:
                     self._held(plan)
             finally:
                 self.buffers.trim()
+                self._release(plan)
         with self._lock:
             self.done += plan.out.nbytes
             if self.job.progress:
@@ -427,6 +432,13 @@ class _Executor:
                     "integer and boolean tensors cannot be merged arithmetically; make them equal",
                 )
         self.writer.write(plan.name, first)
+
+    def _release(self, plan: TensorPlan) -> None:
+        """Unmap the plan's inputs from this process (bounded resident memory; the page cache keeps them)."""
+        for src, name in self._sources(plan):
+            release = getattr(src, "release", None)
+            if release is not None:
+                release(name)
 
     @staticmethod
     def _sources(plan: TensorPlan) -> list[tuple[TensorSource, str]]:
@@ -475,6 +487,7 @@ class _Executor:
 
         def load(start: int, stop: int):
             rows = (start, stop)
+            self._release(plan)  # the previous chunk's mapped rows: streaming keeps one chunk resident
             base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs)
             return make_task(
                 strat,

@@ -105,9 +105,14 @@ def _rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
 
 
 def _rows32(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    """Rows of an input as float32 (inputs may be held in their stored dtype)."""
+    """Rows of an input as a float32 copy the strategy owns (inputs may be held in their stored dtype).
+
+    Always a copy, float32 inputs included: an input may be a view of a
+    mapped file shared with other tensors' merges, so a strategy working in
+    place must not write into it.
+    """
     rows = _rows(t, start, stop)
-    return None if rows is None else rows.to(torch.float32)
+    return None if rows is None else rows.to(torch.float32, copy=True)
 
 
 def merge_tensors(
