@@ -19,10 +19,12 @@ so the strategy streams in row chunks.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pydantic import Field
+from torch import Tensor
 
 from convergent.strategies.api import ModelParams, Params, TensorBlocks, TensorTask, strategy
 from convergent.strategies.order_stats import MagnitudeSelect
@@ -30,12 +32,72 @@ from convergent.strategies.task_arithmetic import (
     FAMILY,
     GRAIN,
     TieClass,
-    consensus_sum,
     keep_top,
-    majority_sign,
     square_sum,
     tie_class,
 )
+
+# --------------------------------------------------------------------------- sign consensus (SCE's variant)
+
+
+def _sum_into(out: Tensor, terms: Sequence[Tensor]) -> Tensor:
+    """``out = terms[0] + terms[1] + ...``, added in order."""
+    if len(terms) == 1:
+        return out.copy_(terms[0])
+    torch.add(terms[0], terms[1], out=out)
+    for t in terms[2:]:
+        out.add_(t)
+    return out
+
+
+def majority_sign(
+    deltas: Sequence[Tensor], method: str, out: Tensor | None = None, ones: Tensor | None = None
+) -> Tensor:
+    """+1 where the majority sign is positive or tied, -1 where negative.
+
+    ``sum``: sign of the summed deltas (TIES' elected sign, mergekit's
+    ``get_mask(method="sum")``); ``count``: sign of the number of positive
+    minus negative deltas. Written to ``out`` when given; ``ones`` is an
+    optional tensor of ones of the same size.
+    """
+    total = torch.empty_like(deltas[0]) if out is None else out
+    if method == "sum":
+        _sum_into(total, deltas)
+    elif method == "count":
+        torch.sign(deltas[0], out=total)
+        for d in deltas[1:]:
+            total.add_(torch.sign(d))
+    else:
+        raise ValueError(f"unknown consensus method {method!r}")
+    # +1 on ties (mergekit: sum >= 0). The sum is -0.0 only when every delta is
+    # +-0, and those elements take no delta whatever the sign.
+    return torch.copysign(torch.ones_like(total) if ones is None else ones, total, out=total)
+
+
+def consensus_sum(
+    deltas: Sequence[Tensor],
+    sign: Tensor,
+    weights: Sequence[float] | None,
+    acc: Tensor | None = None,
+    div: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(sum_i |delta_i| [agrees], sum_i w_i [agrees])``, delta_i agreeing when its sign is ``sign``.
+
+    The deltas are consumed (overwritten). ``delta_i * agree_i`` equals
+    ``sign * relu(delta_i * sign)`` exactly, so ``sign * first`` is mergekit's
+    ``(deltas * mask).sum(0)`` and ``second`` its divisor (None when
+    ``weights`` is None). ``acc``/``div`` are optional output buffers.
+    """
+    for d in deltas:
+        d.mul_(sign).clamp_(min=0)
+    acc = _sum_into(torch.empty_like(deltas[0]) if acc is None else acc, deltas)
+    if weights is None:
+        return acc, None
+    div = torch.empty_like(deltas[0]) if div is None else div
+    torch.mul(deltas[0].sign_(), weights[0], out=div)
+    for d, w in zip(deltas[1:], weights[1:]):
+        div.add_(d.sign_(), alpha=w)  # w * {0, 1}: exact, as mergekit's sum of weights * mask
+    return acc, div
 
 
 class SceParams(Params):

@@ -37,6 +37,14 @@ deterministic and chunk-invariant: the selection also counts, block by
 block, the elements equal to each threshold, so a chunk knows how many
 tied elements precede it.
 
+The family takes raw inputs (``Strategy.raw_inputs``): base and models
+arrive in their stored dtype and are converted piece by piece. Sign election
+and the disjoint mean run as one fused kernel
+(:mod:`convergent.strategies.fused_kernels`); a ``ties`` piece whose inputs
+are all float32 or all bfloat16 runs its whole pipeline in one kernel
+(:class:`_FusedTies`), the other pieces take the tensor path, and both give
+the same bits. The top-k bracket tally also reads the stored bytes directly.
+
 This module holds the shared pipeline and registers ``task_arithmetic``; the
 sparsifying methods live in ``ties``, ``dare``, ``breadcrumbs`` and ``della``.
 """
@@ -292,66 +300,6 @@ def tie_class(stat: OrderStat, keep: int) -> TieClass | None:
 # --------------------------------------------------------------------------- sign consensus
 
 
-def _sum_into(out: Tensor, terms: Sequence[Tensor]) -> Tensor:
-    """``out = terms[0] + terms[1] + ...``, added in order."""
-    if len(terms) == 1:
-        return out.copy_(terms[0])
-    torch.add(terms[0], terms[1], out=out)
-    for t in terms[2:]:
-        out.add_(t)
-    return out
-
-
-def majority_sign(
-    deltas: Sequence[Tensor], method: str, out: Tensor | None = None, ones: Tensor | None = None
-) -> Tensor:
-    """+1 where the majority sign is positive or tied, -1 where negative.
-
-    ``sum``: sign of the summed deltas (TIES' elected sign, mergekit's
-    ``get_mask(method="sum")``); ``count``: sign of the number of positive
-    minus negative deltas. Written to ``out`` when given; ``ones`` is an
-    optional tensor of ones of the same size.
-    """
-    total = torch.empty_like(deltas[0]) if out is None else out
-    if method == "sum":
-        _sum_into(total, deltas)
-    elif method == "count":
-        torch.sign(deltas[0], out=total)
-        for d in deltas[1:]:
-            total.add_(torch.sign(d))
-    else:
-        raise ValueError(f"unknown consensus method {method!r}")
-    # +1 on ties (mergekit: sum >= 0). The sum is -0.0 only when every delta is
-    # +-0, and those elements take no delta whatever the sign.
-    return torch.copysign(torch.ones_like(total) if ones is None else ones, total, out=total)
-
-
-def consensus_sum(
-    deltas: Sequence[Tensor],
-    sign: Tensor,
-    weights: Sequence[float] | None,
-    acc: Tensor | None = None,
-    div: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """``(sum_i |delta_i| [agrees], sum_i w_i [agrees])``, delta_i agreeing when its sign is ``sign``.
-
-    The deltas are consumed (overwritten). ``delta_i * agree_i`` equals
-    ``sign * relu(delta_i * sign)`` exactly, so ``sign * first`` is mergekit's
-    ``(deltas * mask).sum(0)`` and ``second`` its divisor (None when
-    ``weights`` is None). ``acc``/``div`` are optional output buffers.
-    """
-    for d in deltas:
-        d.mul_(sign).clamp_(min=0)
-    acc = _sum_into(torch.empty_like(deltas[0]) if acc is None else acc, deltas)
-    if weights is None:
-        return acc, None
-    div = torch.empty_like(deltas[0]) if div is None else div
-    torch.mul(deltas[0].sign_(), weights[0], out=div)
-    for d, w in zip(deltas[1:], weights[1:]):
-        div.add_(d.sign_(), alpha=w)  # w * {0, 1}: exact, as mergekit's sum of weights * mask
-    return acc, div
-
-
 def consensus_merge(
     deltas: Tensor, base: Tensor, weights: Sequence[float], method: str, normalize: bool, lam: float, out: Tensor
 ) -> Tensor:
@@ -469,18 +417,6 @@ class _FusedTies:
         for i, ties in cursors.items():
             ties.seen = int(tie_seen[i])
         return True
-
-
-def fix_zero_divisor(div: Tensor, weights: Sequence[float]) -> Tensor:
-    """mergekit's ``divisor[divisor == 0] = 1``, in place.
-
-    With positive weights a zero divisor means no model agreed (the numerator
-    is 0 there), so raising it to the smallest weight (no non-zero divisor is
-    below it) gives the same quotient without a boolean pass.
-    """
-    if all(w > 0 for w in weights):
-        return div.clamp_(min=min(weights))
-    return div.masked_fill_(div == 0, 1.0)
 
 
 # --------------------------------------------------------------------------- sparsification
