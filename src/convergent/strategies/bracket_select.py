@@ -198,8 +198,10 @@ class _Tally:
         rank -= n_hi
         if rank <= n_inside:
             collected = np.concatenate(blocks)
-            # the rank-th largest is the (n_inside - rank)-th smallest, 0-based
-            value = np.partition(collected, n_inside - rank)[n_inside - rank]
+            # the rank-th largest is the (n_inside - rank)-th smallest, 0-based; partitioned as bit
+            # patterns (same order for these non-negative, non-NaN floats; integer selection is faster)
+            bits = np.partition(collected.view(np.uint32), n_inside - rank)[n_inside - rank]
+            value = bits.view(np.float32)
             greater = self.above + n_hi + int(np.count_nonzero(collected > value))
             per_block = tuple(int(np.count_nonzero(b == value)) for b in blocks)
             return OrderStat(float(value), greater, sum(per_block), per_block)
