@@ -72,11 +72,11 @@ class Checkpoint:
         f = self._file(name)
         return f.view(name, rows) if isinstance(f, SafetensorsFile) else None
 
-    def release(self, name: str) -> None:
-        """Drop what ``view`` mapped for ``name`` from this process's memory."""
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop what ``view`` mapped for ``name`` (or its rows) from this process's memory."""
         f = self._file(name)
         if isinstance(f, SafetensorsFile):
-            f.release(name)
+            f.release(name, rows)
 
     def files(self) -> dict[str, Path]:
         """Config and tokenizer files beside the weights (name -> path)."""

@@ -160,9 +160,9 @@ class SafetensorsFile:
         raw = torch.from_numpy(np.frombuffer(mapped, dtype=np.uint8, count=nbytes, offset=offset))
         return raw.view(info.dtype).reshape(shape)
 
-    def release(self, name: str) -> None:
-        """Drop the mapped pages of ``name`` from this process (the page cache keeps them)."""
-        _, offset, nbytes, _ = self._extent(name, None)
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the mapped pages of ``name`` (or of its rows) from this process (the page cache keeps them)."""
+        _, offset, nbytes, _ = self._extent(name, rows)
         mapped = self._map
         if mapped is None or nbytes == 0:
             return

@@ -433,12 +433,12 @@ class _Executor:
                 )
         self.writer.write(plan.name, first)
 
-    def _release(self, plan: TensorPlan) -> None:
-        """Unmap the plan's inputs from this process (bounded resident memory; the page cache keeps them)."""
+    def _release(self, plan: TensorPlan, rows: tuple[int, int] | None = None) -> None:
+        """Unmap the plan's inputs (or those rows) from this process; the page cache keeps them."""
         for src, name in self._sources(plan):
             release = getattr(src, "release", None)
             if release is not None:
-                release(name)
+                release(name, rows)
 
     @staticmethod
     def _sources(plan: TensorPlan) -> list[tuple[TensorSource, str]]:
@@ -485,9 +485,13 @@ class _Executor:
         strat = plan.strategy
         key = self._key(plan)
 
+        loaded: list[tuple[int, int]] = []  # the rows mapped last: streaming keeps one chunk resident
+
         def load(start: int, stop: int):
             rows = (start, stop)
-            self._release(plan)  # the previous chunk's mapped rows: streaming keeps one chunk resident
+            if loaded:
+                self._release(plan, loaded.pop())
+            loaded.append(rows)
             base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs)
             return make_task(
                 strat,
