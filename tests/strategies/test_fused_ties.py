@@ -129,3 +129,24 @@ def test_the_tie_rule_keeps_exactly_k_on_the_fused_path():
     survivors = (kept_magnitudes[tied] != 0).nonzero().flatten()
     # the surviving tied elements are the first ones in flat order
     assert torch.equal(survivors, torch.arange(survivors.numel()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs_ties", "della", "della_linear"]
+)
+def test_the_family_reads_any_stored_dtype_as_its_float32_values(dtype, method):
+    # raw inputs: each method converts what it reads; the result must be that of float32 copies
+    from convergent.strategies import merge_tensors
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(256, 1100, generator=gen).to(dtype)
+    models = [(base.double() + torch.randn(256, 1100, generator=gen) * 0.01).to(dtype) for _ in range(3)]
+    mps = [{"weight": w, "density": 0.5} for w in (0.6, 1.0, 0.8)]
+    if method.startswith("della"):
+        mps = [{**mp, "epsilon": 0.1} for mp in mps]
+    stored = merge_tensors(method, models, base=base, model_params=mps, name=NAME, seed=3)
+    as_f32 = merge_tensors(
+        method, [m.float() for m in models], base=base.float(), model_params=mps, name=NAME, seed=3
+    )
+    assert_same_bits(stored, as_f32)
