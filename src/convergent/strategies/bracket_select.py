@@ -83,7 +83,8 @@ def _bracket(sample: np.ndarray, k: int, numel: int) -> tuple[float, float] | No
     bottom = int(q * m + width)  # ... of the lower bound
     picks = [m - 1 - top] if top >= 0 else []
     picks += [m - 1 - bottom] if bottom < m else []
-    ordered = np.partition(finite, picks) if picks else finite
+    # selected as bit patterns: finite magnitudes order like their bits, and integers select faster
+    ordered = (np.partition(finite.view(np.uint32), picks) if picks else finite.view(np.uint32)).view(np.float32)
     hi = float(ordered[m - 1 - top]) if top >= 0 else float("inf")
     lo = float(ordered[m - 1 - bottom]) if bottom < m else 0.0
     return lo, hi
