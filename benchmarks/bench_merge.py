@@ -201,8 +201,11 @@ def dir_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def run_tool(tool: str, cmd: list[str], out_dir: Path, timeout_s: float) -> dict[str, Any]:
+def run_tool(tool: str, cmd: list[str], out_dir: Path, timeout_s: float, inputs: list[Path]) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
+    # Re-read the inputs, untimed: a VM may reclaim idle page cache between runs (this one runs
+    # DAMON), and a run that reads some inputs from disk measures the disk, not the tool.
+    read_files([f for folder in inputs for f in model_files(folder)])
     os.sync()  # the deletion's journal and discard work settles before the clock starts
     log(f"  $ {shlex.join(cmd)}")
     m = run_measured(cmd, timeout_s=timeout_s)
@@ -349,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 "--overwrite",
                 "--quiet",
             ]
-            attempts = [run_tool("convergent", cmd, conv_out, args.timeout) for _ in range(args.repeat)]
+            inputs = input_models(recipes[m])
+            attempts = [run_tool("convergent", cmd, conv_out, args.timeout, inputs) for _ in range(args.repeat)]
             runs.append({**row, **_best(attempts), "attempts": len(attempts)})
         else:
             runs.append({**row, "tool": "convergent", "status": "not available (strategy not registered)"})
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"mergekit {m}")
             cmd = [mk_exe, str(recipe_path), str(mk_out), *mk_options]
-            attempts = [run_tool("mergekit", cmd, mk_out, args.timeout) for _ in range(args.repeat)]
+            inputs = input_models(recipes[m])
+            attempts = [run_tool("mergekit", cmd, mk_out, args.timeout, inputs) for _ in range(args.repeat)]
             runs.append({**row, **_best(attempts), "attempts": len(attempts)})
         if conv_out.exists() and mk_out.exists() and all(r.get("returncode") == 0 for r in runs[-2:]):
             comparisons[m] = compare_outputs(conv_out, mk_out, sample_tensor_names(fam))
