@@ -31,8 +31,8 @@ from convergent.strategies.api import TensorBlocks, TensorTask
 #: a stream of values for the order statistics: called once per block, returns
 #: ``piece(i, start, stop, out)`` giving stream i's flat elements [start, stop)
 #: of the block (written to ``out`` or a new tensor; the caller overwrites it).
-#: A piece may also offer ``piece.raw(i, start, stop)``: the (model, base)
-#: arrays whose ``|model - base|`` the stream is, for the fused tally (or None).
+#: A piece may also offer ``piece.raw(start, stop)``: the (models, base) arrays
+#: whose ``|models[i] - base|`` the streams are, for the fused tally (or None).
 Streams = Callable[[TensorTask[Any, Any]], Callable[[int, int, int, torch.Tensor], torch.Tensor]]
 
 #: Tensors smaller than this go straight to the radix select (already cheap).
@@ -117,6 +117,7 @@ def kth_largest_bracketed(
         return result
     keys_of = {i: [key for key in brackets if key[0] == i] for i in wanted}
     tallies = {key: _Tally(*brackets[key]) for key in brackets}
+    fused = _FusedTally(tallies)
     scratch = torch.empty(PIECE)
     for blk in blocks.blocks():
         piece = streams(blk)
@@ -126,17 +127,15 @@ def kth_largest_bracketed(
         raw = getattr(piece, "raw", None)
         for start in range(0, total, PIECE):
             stop = min(total, start + PIECE)
+            arrays = raw(start, stop) if raw is not None else None
+            if arrays is not None:
+                fused.add(*arrays)
+                continue
             for i, keys in keys_of.items():
-                if not keys:
-                    continue
-                pair = raw(i, start, stop) if raw is not None else None
-                if pair is not None:
+                if keys:
+                    magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()
                     for key in keys:
-                        tallies[key].add_raw(*pair, inside=scratch.numpy())
-                    continue
-                magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()
-                for key in keys:
-                    tallies[key].add(magnitudes)
+                        tallies[key].add(magnitudes)
     for (i, pos), tally in tallies.items():
         result[i][pos] = tally.select(wanted[i][pos])
     return result
@@ -171,19 +170,6 @@ class _Tally:
             below_hi &= magnitudes > self.lo
             self.inside[-1].append(magnitudes[below_hi])
 
-    def add_raw(self, model: np.ndarray, base: np.ndarray, inside: np.ndarray) -> None:
-        """``add(|model - base|)`` in one fused pass over the stored bytes (``inside``: scratch of >= len(base))."""
-        from convergent.strategies import fused_kernels
-
-        above, at_hi, at_lo, n_inside = fused_kernels.bracket_tally(
-            model, base, self.lo.view(np.uint32), self.hi.view(np.uint32), inside
-        )
-        self.above += above
-        self.at_hi[-1] += at_hi
-        if self.lo < self.hi:
-            self.at_lo[-1] += at_lo
-            self.inside[-1].append(inside[:n_inside].copy())
-
     def select(self, k: int) -> OrderStat | None:
         """The exact k-th largest, or None when it is not inside the bracket."""
         rank = k - self.above  # rank among the elements from hi down to lo
@@ -211,3 +197,29 @@ class _Tally:
         if rank <= n_lo:
             return OrderStat(float(self.lo), self.above + n_hi + n_inside, n_lo, tuple(self.at_lo))
         return None
+
+
+class _FusedTally:
+    """Every bracket's tally of a piece in one pass over the stored bytes (``fused_kernels.bracket_tally``)."""
+
+    def __init__(self, tallies: Mapping[tuple[int, int], _Tally]):
+        self.tallies = list(tallies.values())
+        self.key_model = np.array([i for i, _ in tallies], dtype=np.int64)
+        self.lo = np.array([t.lo.view(np.uint32) for t in self.tallies], dtype=np.uint32)
+        self.hi = np.array([t.hi.view(np.uint32) for t in self.tallies], dtype=np.uint32)
+        self.counts = np.zeros((len(self.tallies), 4), dtype=np.int64)
+        self.inside = np.empty((len(self.tallies), 0), dtype=np.float32)
+
+    def add(self, models: tuple[np.ndarray, ...], base: np.ndarray) -> None:
+        """Tally the magnitudes ``|models[i] - base|`` of one piece (arrays as ``fused_kernels`` takes them)."""
+        from convergent.strategies import fused_kernels
+
+        if self.inside.shape[1] < base.shape[0]:
+            self.inside = np.empty((len(self.tallies), base.shape[0]), dtype=np.float32)
+        fused_kernels.bracket_tally(models, base, self.key_model, self.lo, self.hi, self.inside, self.counts)
+        for tally, (above, at_hi, at_lo, n_inside), inside in zip(self.tallies, self.counts, self.inside):
+            tally.above += int(above)
+            tally.at_hi[-1] += int(at_hi)
+            if tally.lo < tally.hi:
+                tally.at_lo[-1] += int(at_lo)
+                tally.inside[-1].append(inside[:n_inside].copy())

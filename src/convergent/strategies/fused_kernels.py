@@ -122,17 +122,21 @@ def consensus_merge(deltas, base, weights, count, normalize, lam, out):  # pragm
 
 
 @_jit
-def bracket_tally(model, base, lo, hi, inside):  # pragma: no cover - compiled
-    """Count the task vector's magnitudes around the bracket ``[lo, hi]``; collect those strictly inside.
+def bracket_tally(models, base, key_model, lo, hi, inside, counts):  # pragma: no cover - compiled
+    """Count task-vector magnitudes around brackets ``[lo[q], hi[q]]``; collect those strictly inside.
 
-    ``model`` and ``base`` are float32 or bfloat16 bit patterns (uint16);
-    the magnitudes are ``|model - base|`` in float32. ``lo`` and ``hi`` are
-    the brackets' float32 bit patterns (uint32): non-negative floats order
-    like their bits, and NaN's bits lie above every number's. Returns
-    ``(above, at_hi, at_lo, n_inside)``: magnitudes ``> hi`` or NaN, ``== hi``,
-    ``== lo`` (0 unless ``lo < hi``), and how many ``lo < |x| < hi`` were
-    written, in order, to the front of ``inside``.
+    ``models`` (a tuple of equal-length arrays) and ``base`` are float32 or
+    bfloat16 bit patterns (uint16); key ``q`` looks at the magnitudes
+    ``|models[key_model[q]] - base|`` in float32 (the base is decoded once for
+    all keys, each model once for its keys). ``lo`` and ``hi`` hold float32
+    bit patterns (uint32): non-negative floats order like their bits, and
+    NaN's bits lie above every number's. Writes ``counts[q] = (above, at_hi,
+    at_lo, n_inside)``: magnitudes ``> hi`` or NaN, ``== hi``, ``== lo`` (0
+    unless ``lo < hi``), and how many ``lo < |x| < hi`` went, in order, to
+    the front of ``inside[q]``.
     """
+    n = len(models)
+    keys = key_model.shape[0]
     size = base.shape[0]
     base_bits = np.empty(BLOCK, np.uint32)
     base_f = base_bits.view(np.float32)
@@ -140,36 +144,47 @@ def bracket_tally(model, base, lo, hi, inside):  # pragma: no cover - compiled
     model_f = model_bits.view(np.float32)
     magnitude = np.empty(BLOCK, np.float32)
     magnitude_bits = magnitude.view(np.uint32)
-    above = 0
-    at_hi = 0
-    at_lo = 0
-    n_inside = 0
-    past_lo = lo + np.uint32(1)
-    span = hi - past_lo  # strictly inside: (bits - past_lo) < span, as unsigned: one predictable branch
-    split = lo < hi
+    for q in range(keys):
+        for c in range(4):
+            counts[q, c] = 0
     for start in range(0, size, BLOCK):
         m = min(BLOCK, size - start)
         decode(base[start : start + m], base_bits, base_f)
-        decode(model[start : start + m], model_bits, model_f)
-        for j in range(m):
-            magnitude[j] = abs(model_f[j] - base_f[j])
-        block_above = 0
-        block_hi = 0
-        block_lo = 0
-        for j in range(m):
-            bits = magnitude_bits[j]
-            block_above += bits > hi
-            block_hi += bits == hi
-            block_lo += bits == lo
-        above += block_above
-        at_hi += block_hi
-        if split:
-            at_lo += block_lo
+        for i in range(n):
+            wanted = False
+            for q in range(keys):
+                wanted = wanted or key_model[q] == i
+            if not wanted:
+                continue
+            decode(models[i][start : start + m], model_bits, model_f)
             for j in range(m):
-                if np.uint32(magnitude_bits[j] - past_lo) < span:
-                    inside[n_inside] = magnitude[j]
-                    n_inside += 1
-    return above, at_hi, at_lo, n_inside
+                magnitude[j] = abs(model_f[j] - base_f[j])
+            for q in range(keys):
+                if key_model[q] != i:
+                    continue
+                low = lo[q]
+                high = hi[q]
+                block_above = 0
+                block_hi = 0
+                block_lo = 0
+                for j in range(m):
+                    bits = magnitude_bits[j]
+                    block_above += bits > high
+                    block_hi += bits == high
+                    block_lo += bits == low
+                counts[q, 0] += block_above
+                counts[q, 1] += block_hi
+                if low < high:
+                    counts[q, 2] += block_lo
+                    past_low = low + np.uint32(1)
+                    span = high - past_low  # strictly inside: (bits - past_low) < span, unsigned
+                    found = counts[q, 3]
+                    collected = inside[q]
+                    for j in range(m):
+                        if np.uint32(magnitude_bits[j] - past_low) < span:
+                            collected[found] = magnitude[j]
+                            found += 1
+                    counts[q, 3] = found
 
 
 @_jit
@@ -241,4 +256,7 @@ def ties_merge(
 def warm_up() -> None:
     """Load the compiled code (numba's first call costs ~0.7 s: its imports and target set-up)."""
     values = np.zeros(8, np.float32)
-    bracket_tally(values, values, np.uint32(0), np.uint32(1), np.empty(8, np.float32))
+    bracket_tally(
+        (values,), values, np.zeros(1, np.int64), np.zeros(1, np.uint32), np.ones(1, np.uint32),
+        np.empty((1, 8), np.float32), np.empty((1, 4), np.int64),
+    )

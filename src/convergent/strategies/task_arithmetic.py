@@ -176,7 +176,7 @@ class DeltaStreams:
     """The task vectors ``model_i - base`` of a block, as flat float32 pieces (see ``bracket_select.Streams``).
 
     ``raw`` offers the stored bytes to fused kernels instead, when base and
-    model are both float32 or both bfloat16.
+    models are all float32 or all bfloat16.
     """
 
     def __init__(self, blk: TensorTask[Any, Any]):
@@ -190,12 +190,15 @@ class DeltaStreams:
             self._base = as_f32(self._raw_base)
         return sub_into(self._models[i][start:stop], self._base[start:stop], out)
 
-    def raw(self, i: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(model, base) elements [start, stop) as arrays for ``fused_kernels``, or None."""
-        model, base = self._models[i], self._raw_base
-        if base.dtype != model.dtype or base.dtype not in (torch.float32, torch.bfloat16):
+    def raw(self, start: int, stop: int) -> tuple[tuple[np.ndarray, ...], np.ndarray] | None:
+        """(models, base) elements [start, stop) as arrays for ``fused_kernels``, or None.
+
+        Offered when base and every model are float32, or all bfloat16.
+        """
+        base = self._raw_base
+        if base.dtype not in (torch.float32, torch.bfloat16) or any(m.dtype != base.dtype for m in self._models):
             return None
-        return raw_array(model[start:stop]), raw_array(base[start:stop])
+        return tuple(raw_array(m[start:stop]) for m in self._models), raw_array(base[start:stop])
 
 
 def raw_array(t: Tensor) -> np.ndarray:
