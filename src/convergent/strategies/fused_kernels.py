@@ -1,9 +1,10 @@
 """Fused elementwise kernels for the hot loops of the task-arithmetic family (numba).
 
 TIES-style sign election and the bracket tally of the top-k selection are
-several to a dozen elementwise passes each when written with tensor operations;
-at 1B parameters that memory traffic, not the arithmetic, was most of a TIES
-merge. Here each is one pass, compiled by numba (PyTorch has no CPU fusion
+several to a dozen elementwise passes each when written with tensor operations
+(plus a float32 copy of every input); at 1B parameters those passes, each
+reading and writing whole pieces, were most of a TIES merge. Here each is one
+pass over the stored bytes, compiled by numba (PyTorch has no CPU fusion
 without a C++ toolchain). Kernels work in sub-blocks of ``BLOCK`` elements
 with simple inner loops, so LLVM vectorizes them; they release the GIL, as
 the engine runs tensors on several threads.
