@@ -127,3 +127,17 @@ def test_non_finite_magnitudes_count_as_largest(special, stored):
     wanted = {0: [numel // 2, numel // 10]}
     got = kth_largest_abs_many(blocks, DeltaStreams, wanted)[0]
     assert got == _radix(blocks, wanted)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_stored_float32_and_bfloat16_take_the_fused_tally(dtype, monkeypatch):
+    from convergent.strategies import bracket_select
+
+    calls = []
+    original = bracket_select._FusedTally.add
+    monkeypatch.setattr(bracket_select._FusedTally, "add", lambda self, *a: calls.append(1) or original(self, *a))
+    base, models = _family(7, 512, 1024, dtype, stored=True)
+    blocks = _blocks(base, models)
+    wanted = {0: [base.numel() // 3], 1: [base.numel() // 7, base.numel() // 2]}
+    assert kth_largest_abs_many(blocks, DeltaStreams, wanted) == _radix(blocks, wanted)
+    assert calls

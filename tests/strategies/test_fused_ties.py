@@ -32,6 +32,24 @@ def tensor_path():
         task_arithmetic._FusedTies.of = original  # type: ignore[method-assign]
 
 
+@contextlib.contextmanager
+def counting_fused_pieces():
+    """Count the pieces the fused kernel merged (a test of both paths must see it work)."""
+    original = task_arithmetic._FusedTies.merge
+    fused = []
+
+    def merge(self, *args):
+        done = original(self, *args)
+        fused.append(done)
+        return done
+
+    task_arithmetic._FusedTies.merge = merge  # type: ignore[method-assign]
+    try:
+        yield fused
+    finally:
+        task_arithmetic._FusedTies.merge = original  # type: ignore[method-assign]
+
+
 def tied_inputs(dtype, n=3, seed=0):
     """bf16-like task vectors: few distinct magnitudes, so tie classes straddle every threshold."""
     gen = torch.Generator().manual_seed(seed)
@@ -82,7 +100,9 @@ def test_fused_and_tensor_paths_give_the_same_bits_and_match_the_reference(dtype
     base, models = data(dtype)
     weights = [0.7, -0.3, 1.0]  # a negative weight flips that model's vote
     mps = [{"weight": w, "density": d} for w, d in zip(weights, densities)]
-    fused = merge(base, models, mps, params)
+    with counting_fused_pieces() as pieces:
+        fused = merge(base, models, mps, params)
+    assert any(pieces)  # the fused kernel really ran
     with tensor_path():
         reference_path = merge(base, models, mps, params)
     assert_same_bits(fused, reference_path)
