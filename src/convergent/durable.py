@@ -6,8 +6,9 @@ import ctypes
 import errno
 import hashlib
 import os
-import sys
 from pathlib import Path
+
+from convergent.libc import libc
 
 #: fsync files and directories (always, unless CONVERGENT_UNSAFE_NO_FSYNC=1, which only
 #: benchmarks of CPU cost use: a process kill is still safe without it, a power cut is not).
@@ -57,13 +58,10 @@ def fallocate(fd: int, size: int) -> None:
     """
     global _libc_fallocate
     if _libc_fallocate is None:
-        if not sys.platform.startswith("linux"):
-            raise OSError(errno.ENOSYS, "fallocate is Linux only")
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            fn = getattr(libc, "fallocate64", None) or libc.fallocate
-        except (OSError, AttributeError) as exc:
-            raise OSError(errno.ENOSYS, f"fallocate unavailable: {exc}") from exc
+        lib = libc()
+        fn = None if lib is None else getattr(lib, "fallocate64", None) or getattr(lib, "fallocate", None)
+        if fn is None:
+            raise OSError(errno.ENOSYS, "fallocate unavailable (Linux with glibc only)")
         fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         fn.restype = ctypes.c_int
         _libc_fallocate = fn

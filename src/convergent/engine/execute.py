@@ -12,7 +12,6 @@ thread count and chunk size.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import re
@@ -34,6 +33,7 @@ from convergent.durable import sha256_file
 from convergent.engine.buffers import ReadBuffers
 from convergent.engine.job import MergeJob, MergeResult, OutputTensor
 from convergent.errors import MergeInputError, RecipeError, suggest
+from convergent.libc import libc
 from convergent.strategies.api import ModelParams, Params, Strategy, TensorBlocks
 from convergent.strategies.run import get_strategy, make_task, run_strategy, validate_model_params, validate_params
 
@@ -544,12 +544,11 @@ def _keep_freed_memory() -> None:
     heap (the peak working set is bounded by the memory budget anyway).
     No-op elsewhere than glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    lib = libc()
+    mallopt = None if lib is None else getattr(lib, "mallopt", None)
+    if mallopt is not None:
+        mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
 
 
 @contextmanager

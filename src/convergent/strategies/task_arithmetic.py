@@ -195,10 +195,14 @@ class DeltaStreams:
 
         Offered when base and every model are float32, or all bfloat16.
         """
-        base = self._raw_base
-        if base.dtype not in (torch.float32, torch.bfloat16) or any(m.dtype != base.dtype for m in self._models):
+        if not kernel_ready(self._raw_base, self._models):
             return None
-        return tuple(raw_array(m[start:stop]) for m in self._models), raw_array(base[start:stop])
+        return tuple(raw_array(m[start:stop]) for m in self._models), raw_array(self._raw_base[start:stop])
+
+
+def kernel_ready(base: Tensor, models: Sequence[Tensor]) -> bool:
+    """Whether the fused kernels can read these inputs' stored bytes: all float32, or all bfloat16."""
+    return base.dtype in (torch.float32, torch.bfloat16) and all(m.dtype == base.dtype for m in models)
 
 
 def raw_array(t: Tensor) -> np.ndarray:
@@ -360,8 +364,7 @@ class _FusedTies:
         lam_value: float,
     ) -> _FusedTies | None:
         assert task.base is not None
-        dtype = task.base.dtype
-        if dtype not in (torch.float32, torch.bfloat16) or any(m.dtype != dtype for m in task.models):
+        if not kernel_ready(task.base, task.models):
             return None
         if sparsifier is not None and type(sparsifier).cut is Sparsifier.cut:
             return None
@@ -685,8 +688,13 @@ def register_gta(
         # without sparsification or sign election every delta reaches the sum
         propagates_nonfinite=sparsifier is None and not consensus,
         raw_inputs=True,
-        warm_up=_load_kernels if consensus or sparsifier is not None else None,
+        # the kernels serve sign consensus and the top-k selection (sparsifiers that ask for ranks)
+        warm_up=_load_kernels if consensus or _selects_top_k(sparsifier) else None,
     )(apply)
+
+
+def _selects_top_k(sparsifier: Sparsifier | None) -> bool:
+    return sparsifier is not None and type(sparsifier).ranks is not Sparsifier.ranks
 
 
 def _load_kernels() -> None:
