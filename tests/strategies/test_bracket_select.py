@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -141,3 +142,66 @@ def test_stored_float32_and_bfloat16_take_the_fused_tally(dtype, monkeypatch):
     wanted = {0: [base.numel() // 3], 1: [base.numel() // 7, base.numel() // 2]}
     assert kth_largest_abs_many(blocks, DeltaStreams, wanted) == _radix(blocks, wanted)
     assert calls
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    return values if values.dtype == np.float32 else (values.astype(np.uint32) << 16).view(np.float32)
+
+
+def _magnitude_bits(models, base) -> list[np.ndarray]:
+    return [np.abs(_as_float32(m) - _as_float32(base)).view(np.uint32) for m in models]
+
+
+def _tally_reference(models, base, key_model, lo, hi):
+    """``fused_kernels.bracket_tally`` written with numpy: counts, and the inside values in flat order."""
+    magnitudes = _magnitude_bits(models, base)
+    counts, inside = [], []
+    for q, i in enumerate(key_model):
+        bits = magnitudes[i]
+        low, high = lo[q], hi[q]
+        strictly = (bits > low) & (bits < high)
+        counts.append(
+            [
+                int((bits > high).sum()),
+                int((bits == high).sum()),
+                int((bits == low).sum()) if low < high else 0,
+                int(strictly.sum()) if low < high else 0,
+            ]
+        )
+        inside.append(bits[strictly].view(np.float32) if low < high else np.zeros(0, np.float32))
+    return counts, inside
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    size=st.sampled_from([1, 15, 16, 17, 255, 256, 257, 4099, 65537]),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+    brackets=st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 1.0), st.floats(0.0, 1.0)), min_size=1, max_size=4),
+)
+def test_fused_tally_counts_and_collects_like_numpy(size, bf16, seed, brackets):
+    """Every length (whole 16-element collects and the tail), several keys per model, empty brackets.
+
+    Bracket ends are magnitudes of the data (ranks ``a`` and ``b`` of the
+    model's), so the ends' own counts and the strictness of "inside" are tested.
+    """
+    from convergent.strategies import fused_kernels
+
+    rng = np.random.default_rng(seed)
+    values = [rng.normal(0, 0.05, size).astype(np.float32) for _ in range(4)]
+    values[1][:: max(1, size // 5)] = np.float32(0.05)  # some magnitudes on a bracket end
+    if bf16:
+        values = [torch.from_numpy(v).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) for v in values]
+    base, models = values[0], tuple(values[1:])
+    key_model = np.array([i for i, _, _ in brackets], dtype=np.int64)
+    magnitudes = [np.sort(bits) for bits in _magnitude_bits(models, base)]
+    ends = [sorted(magnitudes[i][int(r * (size - 1))] for r in (a, b)) for i, a, b in brackets]
+    lo = np.array([low for low, _ in ends], dtype=np.uint32)
+    hi = np.array([high for _, high in ends], dtype=np.uint32)
+    inside = np.full((len(brackets), size + fused_kernels.COLLECT_SLACK), np.nan, dtype=np.float32)
+    counts = np.full((len(brackets), 4), -1, dtype=np.int64)
+    fused_kernels.bracket_tally(models, base, key_model, lo, hi, inside, counts)
+    want_counts, want_inside = _tally_reference(models, base, key_model, lo, hi)
+    assert counts.tolist() == want_counts
+    for q, expected in enumerate(want_inside):
+        assert np.array_equal(inside[q, : expected.size], expected)

@@ -214,8 +214,8 @@ class _FusedTally:
         """Tally the magnitudes ``|models[i] - base|`` of one piece (arrays as ``fused_kernels`` takes them)."""
         from convergent.strategies import fused_kernels
 
-        if self.inside.shape[1] < base.shape[0]:
-            self.inside = np.empty((len(self.tallies), base.shape[0]), dtype=np.float32)
+        if self.inside.shape[1] < base.shape[0] + fused_kernels.COLLECT_SLACK:
+            self.inside = np.empty((len(self.tallies), base.shape[0] + fused_kernels.COLLECT_SLACK), dtype=np.float32)
         fused_kernels.bracket_tally(models, base, self.key_model, self.lo, self.hi, self.inside, self.counts)
         for tally, (above, at_hi, at_lo, n_inside), inside in zip(self.tallies, self.counts, self.inside):
             tally.above += int(above)
