@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 def merge_cli(*args: str) -> dict:
     result = runner.invoke(app, ["merge", *map(str, args), "--json"])
     assert result.exit_code == 0, result.output
+    assert gc.isenabled(), "the merge command left the cycle collector paused"
     return json.loads(result.stdout)
 
 

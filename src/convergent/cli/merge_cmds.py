@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -11,6 +14,23 @@ from rich.table import Table
 from convergent.cli.common import console, emit_json, out, parse_size, progress_bar
 
 
+@contextlib.contextmanager
+def _without_cycle_collection() -> Iterator[None]:
+    """Pause the cyclic garbage collector (restored after; reference counting still frees everything).
+
+    During a merge it would only re-scan the import graphs of torch and numba
+    (about 0.3 s of a 1B-parameter merge); the engine makes no garbage cycles.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@_without_cycle_collection()
 def merge(
     recipe: Path = typer.Argument(..., help="mergekit-style YAML recipe"),
     out_dir: Path = typer.Argument(..., help="output folder (written atomically)"),
@@ -24,6 +44,8 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
     """Merge the checkpoints a recipe names into OUT_DIR."""
+    # numpy's BLAS threads, unused by merges, would only spin beside the engine's
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from convergent.engine import run_merge
     from convergent.recipe import build_job, load_recipe
 

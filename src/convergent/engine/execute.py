@@ -34,6 +34,7 @@ from convergent.engine.buffers import ReadBuffers
 from convergent.engine.job import MergeJob, MergeResult, OutputTensor
 from convergent.errors import MergeInputError, RecipeError, suggest
 from convergent.libc import libc
+from convergent.strategies import kernels
 from convergent.strategies.api import ModelParams, Params, Strategy, TensorBlocks
 from convergent.strategies.run import get_strategy, make_task, run_strategy, validate_model_params, validate_params
 
@@ -376,7 +377,7 @@ class _Executor:
         """
         if self.job.allow_nonfinite or not plan.strategy.propagates_nonfinite:
             return
-        if math.isfinite(float(out.sum())):
+        if _all_finite(out):
             return
         rows = (start, start + (out.shape[0] if out.dim() else 1)) if plan.info.shape else None
         for src, name in self._sources(plan):
@@ -384,10 +385,7 @@ class _Executor:
 
     @staticmethod
     def _check_finite(raw: torch.Tensor, src: TensorSource, name: str) -> None:
-        # A sum is non-finite whenever an element is; confirm exactly only then. bfloat16
-        # and float32 sums share float32's range (float16 sums would overflow).
-        probe = raw if raw.dtype in (torch.bfloat16, torch.float32) else raw.to(torch.float32)
-        if not math.isfinite(float(probe.sum())) and not torch.isfinite(raw).all():
+        if not _all_finite(raw):
             raise MergeInputError(
                 f"tensor '{name}' in {src.label} contains NaN or Inf",
                 "fix the checkpoint, or pass --allow-nonfinite to merge anyway",
@@ -559,6 +557,17 @@ def _single_threaded_torch():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``: by the fused kernels' bit test once loaded, else with torch (the same answer)."""
+    finite = kernels.all_finite(t)
+    if finite is not None:
+        return finite
+    # A sum is non-finite whenever an element is; confirm exactly only then. bfloat16
+    # and float32 sums share float32's range (float16 sums would overflow).
+    probe = t if t.dtype in (torch.bfloat16, torch.float32) else t.to(torch.float32)
+    return math.isfinite(float(probe.sum())) or bool(torch.isfinite(t).all())
 
 
 def _start_warm_ups(plans: list[TensorPlan]) -> list[threading.Thread]:

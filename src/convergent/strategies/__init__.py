@@ -11,7 +11,7 @@ import pkgutil
 from convergent.strategies.api import REGISTRY, ModelParams, Params, Strategy, TensorTask, strategy
 from convergent.strategies.run import get_strategy, merge_tensors
 
-_INFRASTRUCTURE = {"api", "run", "reduce", "fused_kernels"}
+_INFRASTRUCTURE = {"api", "run", "reduce", "fused_kernels", "kernels"}
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     if _module not in _INFRASTRUCTURE and not _module.startswith("_"):

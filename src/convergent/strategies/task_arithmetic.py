@@ -61,9 +61,10 @@ from pydantic import Field, create_model
 from torch import Tensor
 
 from convergent import determinism
-from convergent.strategies import order_stats
+from convergent.strategies import kernels, order_stats
 from convergent.strategies.api import ModelParams, Params, TensorBlocks, TensorTask, strategy
 from convergent.strategies.bracket_select import OrderStat
+from convergent.strategies.kernels import kernel_ready, raw_array
 from convergent.strategies.order_stats import bits_f32, f32_bits, kth_largest_abs_many, pieces
 
 FAMILY = "mergekit"
@@ -198,16 +199,6 @@ class DeltaStreams:
         if not kernel_ready(self._raw_base, self._models):
             return None
         return tuple(raw_array(m[start:stop]) for m in self._models), raw_array(self._raw_base[start:stop])
-
-
-def kernel_ready(base: Tensor, models: Sequence[Tensor]) -> bool:
-    """Whether the fused kernels can read these inputs' stored bytes: all float32, or all bfloat16."""
-    return base.dtype in (torch.float32, torch.bfloat16) and all(m.dtype == base.dtype for m in models)
-
-
-def raw_array(t: Tensor) -> np.ndarray:
-    """A float32 or bfloat16 tensor as the numpy array the fused kernels take (bfloat16 as uint16 bits)."""
-    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @dataclass(frozen=True)
@@ -689,18 +680,12 @@ def register_gta(
         propagates_nonfinite=sparsifier is None and not consensus,
         raw_inputs=True,
         # the kernels serve sign consensus and the top-k selection (sparsifiers that ask for ranks)
-        warm_up=_load_kernels if consensus or _selects_top_k(sparsifier) else None,
+        warm_up=kernels.load if consensus or _selects_top_k(sparsifier) else None,
     )(apply)
 
 
 def _selects_top_k(sparsifier: Sparsifier | None) -> bool:
     return sparsifier is not None and type(sparsifier).ranks is not Sparsifier.ranks
-
-
-def _load_kernels() -> None:
-    from convergent.strategies import fused_kernels
-
-    fused_kernels.warm_up()
 
 
 register_gta(

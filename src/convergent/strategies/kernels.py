@@ -1,0 +1,60 @@
+"""How strategies reach the fused numba kernels (``fused_kernels``) without paying for numba up front.
+
+Importing numba and loading the compiled kernels costs most of a second, so
+``fused_kernels`` is imported lazily: the engine calls :func:`load` on a
+background thread when a merge starts (``Strategy.warm_up``), and a strategy
+whose tensor path gives the same bits may ask :func:`loaded` and keep working
+with torch until then, instead of waiting.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+import numpy as np
+import torch
+
+_MODULE = "convergent.strategies.fused_kernels"
+
+
+def load() -> None:
+    """Import ``fused_kernels`` and load its compiled code (``Strategy.warm_up`` of strategies using it)."""
+    from convergent.strategies import fused_kernels
+
+    fused_kernels.warm_up()
+
+
+def loaded() -> ModuleType | None:
+    """``fused_kernels`` once :func:`load` has finished (in any thread), else None; never waits."""
+    module = sys.modules.get(_MODULE)
+    return module if module is not None and getattr(module, "READY", False) else None
+
+
+def kernel_ready(first: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused kernels can read these inputs' stored bytes: all float32, or all bfloat16."""
+    return first.dtype in (torch.float32, torch.bfloat16) and all(t.dtype == first.dtype for t in others)
+
+
+#: exponent bits of the stored floating dtypes ``all_finite`` reads (all set: Inf or NaN)
+_EXPONENT = {torch.float32: (torch.int32, np.uint32(0x7F800000)), torch.bfloat16: (torch.int16, np.uint16(0x7F80))}
+
+
+def all_finite(t: torch.Tensor) -> bool | None:
+    """Whether ``t`` has no NaN/Inf, by ``fused_kernels.all_finite`` on its stored bits; None if it cannot tell.
+
+    None when the kernels are not loaded yet, or for other dtypes and
+    non-contiguous tensors: the caller then uses torch (same answer).
+    """
+    fused = loaded()
+    exponent = _EXPONENT.get(t.dtype)
+    if fused is None or exponent is None or not t.is_contiguous():
+        return None
+    word, mask = exponent
+    return bool(fused.all_finite(t.reshape(-1).view(word).numpy().view(mask.dtype), mask))
+
+
+def raw_array(t: torch.Tensor) -> np.ndarray:
+    """A float32 or bfloat16 tensor as the numpy array the fused kernels take (bfloat16 as uint16 bits)."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()

@@ -1,0 +1,47 @@
+"""``kernels``: the NaN/Inf bit test agrees with torch, and strategies never wait for numba."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convergent.strategies import kernels
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loaded():
+    kernels.load()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([1, 7, 255, 256, 257, 4096, 10_001]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    special=st.sampled_from([None, float("nan"), float("inf"), float("-inf"), 3e38]),
+    where=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_agrees_with_torch(size, dtype, special, where, seed):
+    values = torch.randn(size, generator=torch.Generator().manual_seed(seed)) * 1e3
+    if special is not None:
+        values[int(where * (size - 1))] = special  # 3e38 overflows bfloat16 to Inf, and is finite in float32
+    t = values.to(dtype)
+    assert kernels.all_finite(t) is bool(torch.isfinite(t).all())
+
+
+def test_all_finite_declines_what_it_cannot_read(monkeypatch):
+    assert kernels.all_finite(torch.ones(8, dtype=torch.float16)) is None
+    assert kernels.all_finite(torch.ones(8, dtype=torch.float64)) is None
+    assert kernels.all_finite(torch.ones(8, 4).t()) is None  # not contiguous
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
+    assert kernels.all_finite(torch.ones(8)) is None
+
+
+def test_loaded_never_imports_numba(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "convergent.strategies.fused_kernels")
+    assert kernels.loaded() is None
+    assert "convergent.strategies.fused_kernels" not in sys.modules
