@@ -205,3 +205,18 @@ def test_fused_tally_counts_and_collects_like_numpy(size, bf16, seed, brackets):
     assert counts.tolist() == want_counts
     for q, expected in enumerate(want_inside):
         assert np.array_equal(inside[q, : expected.size], expected)
+
+
+def test_fused_and_numpy_selection_agree(monkeypatch):
+    """Brackets and in-bracket picks by the fused radix select or by ``np.partition``: the same statistics."""
+    from convergent.strategies import kernels
+
+    kernels.load()
+    base, models = _family(11, 700, 1024, torch.bfloat16, n=3, stored=True)
+    blocks = _blocks(base, models)
+    numel = base.numel()
+    wanted = {0: [numel // 2], 1: [numel // 9, numel // 3], 2: [7]}
+    fused = kth_largest_bracketed(blocks, DeltaStreams, wanted)
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
+    assert kth_largest_bracketed(blocks, DeltaStreams, wanted) == fused
+    assert any(stat is not None for stats in fused.values() for stat in stats)

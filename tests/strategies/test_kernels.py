@@ -45,3 +45,27 @@ def test_loaded_never_imports_numba(monkeypatch):
     monkeypatch.delitem(sys.modules, "convergent.strategies.fused_kernels")
     assert kernels.loaded() is None
     assert "convergent.strategies.fused_kernels" not in sys.modules
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    size=st.integers(1, 5000),
+    scale=st.sampled_from([1e-3, 1.0, 1e30]),
+    levels=st.sampled_from([None, 1, 3, 50]),  # few distinct values: heavy ties
+    where=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_kth_smallest_equals_partition(size, scale, levels, where, seed):
+    """The radix select of the fused kernels against ``np.partition``: every rank, ties, zeros, wide ranges."""
+    import numpy as np
+
+    fused = kernels.loaded()
+    rng = np.random.default_rng(seed)
+    values = np.abs(rng.standard_normal(size) * scale).astype(np.float32)
+    if levels is not None:
+        values = np.abs(rng.integers(0, levels, size)).astype(np.float32) * np.float32(scale)
+    k = int(where * (size - 1))
+    scratch = np.full(size + fused.COLLECT_SLACK, np.nan, np.float32)
+    got = fused.kth_smallest(values, k, scratch)
+    assert got == np.partition(values, k)[k]
+    assert values.dtype == np.float32 and not np.isnan(values).any()  # the input is left as it was

