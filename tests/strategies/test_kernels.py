@@ -69,3 +69,22 @@ def test_kth_smallest_equals_partition(size, scale, levels, where, seed):
     got = fused.kth_smallest(values, k, scratch)
     assert got == np.partition(values, k)[k]
     assert values.dtype == np.float32 and not np.isnan(values).any()  # the input is left as it was
+
+
+def test_without_numba_ties_fails_clearly_and_linear_falls_back(monkeypatch):
+    """numba unimportable: the kernels' users get one clear error; linear, which has a torch path, still merges."""
+    import sys
+
+    from convergent.errors import ConvergentError
+    from convergent.strategies import linear
+
+    import convergent.strategies
+
+    monkeypatch.delitem(sys.modules, "convergent.strategies.fused_kernels")
+    monkeypatch.delattr(convergent.strategies, "fused_kernels")
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ImportError
+    with pytest.raises(ConvergentError, match="fused merge kernels cannot be loaded") as info:
+        kernels.require()
+    assert "pip install" in (info.value.hint or "")
+    models = [torch.ones(5, dtype=torch.bfloat16), torch.full((5,), 3.0, dtype=torch.bfloat16)]
+    assert torch.equal(linear.weighted_sum(models, [1.0, 1.0], True, "w"), torch.full((5,), 2.0))

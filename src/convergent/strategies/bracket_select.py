@@ -220,8 +220,7 @@ class _FusedTally:
 
     def add(self, models: tuple[np.ndarray, ...], base: np.ndarray) -> None:
         """Tally the magnitudes ``|models[i] - base|`` of one piece (arrays as ``fused_kernels`` takes them)."""
-        from convergent.strategies import fused_kernels
-
+        fused_kernels = kernels.require()
         if self.inside.shape[1] < base.shape[0] + fused_kernels.COLLECT_SLACK:
             self.inside = np.empty((len(self.tallies), base.shape[0] + fused_kernels.COLLECT_SLACK), dtype=np.float32)
         fused_kernels.bracket_tally(models, base, self.key_model, self.lo, self.hi, self.inside, self.counts)

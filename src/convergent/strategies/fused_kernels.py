@@ -1,21 +1,29 @@
-"""Fused elementwise kernels for the hot loops of the task-arithmetic family (numba).
+"""Fused kernels for the hot loops of merges (numba): one pass over the stored bytes each.
 
-TIES-style sign election and the bracket tally of the top-k selection are
-several to a dozen elementwise passes each when written with tensor operations
-(plus a float32 copy of every input); at 1B parameters those passes, each
-reading and writing whole pieces, were most of a TIES merge. Here each is one
-pass over the stored bytes, compiled by numba (PyTorch has no CPU fusion
-without a C++ toolchain). Kernels work in sub-blocks of ``BLOCK`` elements
-with simple inner loops, so LLVM vectorizes them; they release the GIL, as
-the engine runs tensors on several threads.
+Written with tensor operations, TIES-style sign election, the bracket tally of
+the top-k selection and even a weighted average are several to a dozen
+elementwise passes (plus a float32 copy of every input); at 1B parameters
+those passes, each reading and writing whole pieces, were most of a merge.
+Here each is one pass over the stored float32 or bfloat16 bytes, compiled by
+numba (PyTorch has no CPU fusion without a C++ toolchain):
+
+* ``weighted_sum``: ``linear``;
+* ``ties_merge``, ``consensus_merge``: the sign-consensus methods;
+* ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
+* ``all_finite``: the engine's NaN/Inf probe of every input.
+
+Kernels work in sub-blocks of ``BLOCK`` elements with simple inner loops, so
+LLVM vectorizes them; they release the GIL, as the engine runs tensors on
+several threads.
 
 The arithmetic is IEEE float32 in a fixed order, element by element (no
 fast-math, so no reassociation or contraction): results do not depend on the
-piece size, the thread count or the machine. Compiled code is cached on disk
-(numba's ``cache=True``), so only the first run on a machine compiles.
+piece size, the thread count or the machine, and equal the tensor paths' bits.
+Compiled code is cached on disk (numba's ``cache=True``), so only the first
+run on a machine compiles.
 
-Imported lazily (only TIES-style merges and top-k selections pay numba's
-import), hence not registered with the strategy families.
+Imported lazily through ``kernels`` (numba's import and set-up cost most of a
+second), hence not registered with the strategy families.
 """
 
 from __future__ import annotations

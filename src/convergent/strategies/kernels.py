@@ -16,14 +16,26 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from convergent.errors import ConvergentError
+
 _MODULE = "convergent.strategies.fused_kernels"
+
+
+def require() -> ModuleType:
+    """``fused_kernels``, imported if need be (the first import costs numba's); a clear error without numba."""
+    try:
+        from convergent.strategies import fused_kernels
+    except ImportError as exc:
+        raise ConvergentError(
+            f"the fused merge kernels cannot be loaded: {exc}",
+            "install numba>=0.68 (a dependency of convergent): pip install 'numba>=0.68'",
+        ) from exc
+    return fused_kernels
 
 
 def load() -> None:
     """Import ``fused_kernels`` and load its compiled code (``Strategy.warm_up`` of strategies using it)."""
-    from convergent.strategies import fused_kernels
-
-    fused_kernels.warm_up()
+    require().warm_up()
 
 
 def loaded() -> ModuleType | None:

@@ -309,8 +309,7 @@ def consensus_merge(
     summed; with ``normalize`` the sum is divided by their weights' sum (1
     where no model agrees).
     """
-    from convergent.strategies import fused_kernels
-
+    fused_kernels = kernels.require()
     if method not in ("sum", "count"):
         raise ValueError(f"unknown consensus method {method!r}")
     fused_kernels.consensus_merge(
@@ -374,8 +373,7 @@ class _FusedTies:
 
     def merge(self, base: Tensor, models: Sequence[Tensor], start: int, stop: int, out: Tensor) -> bool:
         """Merge the flat piece ``start:stop`` into ``out``; False (nothing done) if a cut is unknown."""
-        from convergent.strategies import fused_kernels
-
+        fused_kernels = kernels.require()
         n = len(models)
         cuts = np.full(n, KEEP_ALL, dtype=np.float32)
         tie_value = np.zeros(n, dtype=np.float32)
