@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -57,7 +58,6 @@ def test_loaded_never_imports_numba(monkeypatch):
 )
 def test_kth_smallest_equals_partition(size, scale, levels, where, seed):
     """The radix select of the fused kernels against ``np.partition``: every rank, ties, zeros, wide ranges."""
-    import numpy as np
 
     fused = kernels.loaded()
     rng = np.random.default_rng(seed)
@@ -75,10 +75,9 @@ def test_without_numba_ties_fails_clearly_and_linear_falls_back(monkeypatch):
     """numba unimportable: the kernels' users get one clear error; linear, which has a torch path, still merges."""
     import sys
 
+    import convergent.strategies
     from convergent.errors import ConvergentError
     from convergent.strategies import linear
-
-    import convergent.strategies
 
     monkeypatch.delitem(sys.modules, "convergent.strategies.fused_kernels")
     monkeypatch.delattr(convergent.strategies, "fused_kernels")
@@ -88,3 +87,19 @@ def test_without_numba_ties_fails_clearly_and_linear_falls_back(monkeypatch):
     assert "pip install" in (info.value.hint or "")
     models = [torch.ones(5, dtype=torch.bfloat16), torch.full((5,), 3.0, dtype=torch.bfloat16)]
     assert torch.equal(linear.weighted_sum(models, [1.0, 1.0], True, "w"), torch.full((5,), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_magnitudes_are_the_task_vector_magnitudes(dtype):
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1001, generator=gen).to(dtype)
+    models = [(base.float() + torch.randn(1001, generator=gen) * 0.01).to(dtype) for _ in range(3)]
+    models[1][5] = float("nan")
+    out = np.empty((2, 1001), np.float32)
+    kernels.loaded().magnitudes(
+        tuple(kernels.raw_array(m) for m in models), kernels.raw_array(base), np.array([2, 1]), out
+    )
+    for row, i in zip(out, [2, 1]):
+        expected = (models[i].float() - base.float()).abs()
+        assert torch.equal(torch.from_numpy(row).view(torch.int32), expected.view(torch.int32))

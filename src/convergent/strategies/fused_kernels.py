@@ -392,6 +392,21 @@ def all_finite(bits, exponent):  # pragma: no cover - compiled
     return True
 
 
+@_jit
+def magnitudes(models, base, which, out):  # pragma: no cover - compiled
+    """``out[r] = |models[which[r]] - base|`` in float32: the sampled task-vector magnitudes of a top-k selection.
+
+    ``models`` (a tuple of equal-length arrays) and ``base``: float32, or
+    bfloat16 bit patterns (uint16).
+    """
+    size = base.shape[0]
+    for r in range(which.shape[0]):
+        src = models[which[r]]
+        row = out[r]
+        for j in range(size):
+            row[j] = abs(_to_f32(src[j]) - _to_f32(base[j]))
+
+
 #: bits per digit of :func:`kth_smallest`: four 2048-bin histograms stay in L1 cache
 DIGIT_BITS = 11
 
