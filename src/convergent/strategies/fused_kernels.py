@@ -115,6 +115,25 @@ def _collect_inside(typingctx, src, at, past_low, span, dst, found):
 
 
 @_jit
+def _collect_range(values, count, past_low, span, dst, found):  # pragma: no cover - compiled
+    """Append to ``dst[found:]``, in order, the ``values[:count]`` whose bits ``b`` have ``b - past_low < span``.
+
+    Unsigned arithmetic: the values in ``[past_low, past_low + span)`` as bit
+    patterns. Returns the new ``found``; ``dst`` needs ``COLLECT_SLACK``
+    spare elements (see :func:`_collect_inside`).
+    """
+    bits = values.view(np.uint32)
+    whole = count - count % COLLECT_WIDTH
+    for j in range(0, whole, COLLECT_WIDTH):
+        found = _collect_inside(values, j, past_low, span, dst, found)
+    for j in range(whole, count):
+        if np.uint32(bits[j] - past_low) < span:
+            dst[found] = values[j]
+            found += 1
+    return found
+
+
+@_jit
 def _vote(total, m, x, count):  # pragma: no cover - compiled
     """Add delta row ``x[:m]``'s votes to ``total[:m]``: the deltas (``count``: their signs)."""
     zero = np.float32(0.0)
@@ -245,16 +264,7 @@ def bracket_tally(models, base, key_model, lo, hi, inside, counts):  # pragma: n
                     counts[q, 2] += block_lo
                     past_low = low + np.uint32(1)
                     span = high - past_low  # strictly inside: (bits - past_low) < span, unsigned
-                    found = counts[q, 3]
-                    collected = inside[q]
-                    whole = m - m % COLLECT_WIDTH
-                    for j in range(0, whole, COLLECT_WIDTH):
-                        found = _collect_inside(magnitude, j, past_low, span, collected, found)
-                    for j in range(whole, m):
-                        if np.uint32(magnitude_bits[j] - past_low) < span:
-                            collected[found] = magnitude[j]
-                            found += 1
-                    counts[q, 3] = found
+                    counts[q, 3] = _collect_range(magnitude, m, past_low, span, inside[q], counts[q, 3])
 
 
 @_jit
@@ -457,14 +467,7 @@ def kth_smallest(values, k, scratch):  # pragma: no cover - compiled
         if shift == 0:
             return np.array([new_low], np.uint32).view(np.float32)[0]
         new_span = np.uint32(1) << shift
-        found = 0
-        whole = count - count % COLLECT_WIDTH
-        for j in range(0, whole, COLLECT_WIDTH):
-            found = _collect_inside(source, j, new_low, new_span, scratch, found)
-        for j in range(whole, count):
-            if np.uint32(source_bits[j] - new_low) < new_span:
-                scratch[found] = source[j]
-                found += 1
+        found = _collect_range(source, count, new_low, new_span, scratch, 0)
         low = new_low
         high = min(high, new_low + (new_span - np.uint32(1)))
         source = scratch
