@@ -18,7 +18,13 @@ import torch
 from convergent.strategies import task_arithmetic
 from tests.strategies.test_task_arithmetic_family import NAME, assert_matches, ref_gta
 
-SHAPE = (600, 1000)  # 600k elements: several kernel pieces (2**18), so piece and tie boundaries are crossed
+SHAPE = (600, 1000)  # 600k elements: several pieces of either path (below), so piece and tie boundaries are crossed
+
+
+@pytest.fixture(autouse=True)
+def _small_fused_pieces(monkeypatch):
+    """Fused pieces of 2**17 elements (2**20 in use): the kernel's piece and tie-cursor boundaries get crossed."""
+    monkeypatch.setattr(task_arithmetic, "FUSED_PIECE", 1 << 17)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ Streams = Callable[[TensorTask[Any, Any]], Callable[[int, int, int, torch.Tensor
 MIN_NUMEL = 1 << 18
 #: About this many sampled elements per stream.
 SAMPLE_ELEMENTS = 1 << 16
-#: Elements per piece of the full pass.
+#: Elements per piece of the full pass on the tensor path (the fused tally takes whole blocks).
 PIECE = 1 << 18
 #: Beyond this share of the elements inside the bracket, the pass would collect
 #: too much; the radix select is used instead.
@@ -144,12 +144,12 @@ def kth_largest_bracketed(
         for tally in tallies.values():
             tally.new_block()
         raw = getattr(piece, "raw", None)
+        arrays = raw(0, total) if raw is not None else None
+        if arrays is not None:  # the kernel's working set stays in L1 at any length: one call per block
+            fused.add(*arrays)
+            continue
         for start in range(0, total, PIECE):
             stop = min(total, start + PIECE)
-            arrays = raw(start, stop) if raw is not None else None
-            if arrays is not None:
-                fused.add(*arrays)
-                continue
             for i, keys in keys_of.items():
                 if keys:
                     magnitudes = piece(i, start, stop, scratch[: stop - start]).abs_().numpy()

@@ -561,6 +561,9 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
 
 #: elements per piece of a chunk in ``gta_apply`` (see ``GRAIN``).
 PIECE = 1 << 18
+#: ... when the fused kernel merges it: its working set stays in L1 at any length, so
+#: bigger pieces only mean fewer Python calls (a quarter of them at 1B parameters).
+FUSED_PIECE = 1 << 20
 
 
 def gta_apply(
@@ -592,11 +595,11 @@ def gta_apply(
     flats = [m.reshape(-1) for m in task.models]
     total = base_flat.numel()
     out = torch.empty(total)
-    piece = min(PIECE, max(1, total))
+    fused = _FusedTies.of(sparsifier, task, states, contexts, weights, lam(p)) if consensus else None
+    piece = min(PIECE if fused is None else FUSED_PIECE, max(1, total))
     # one buffer for the n deltas of a piece, so the fused kernel sees an n x size array
     stack = torch.empty(n * piece)
     base32 = torch.empty(piece)
-    fused = _FusedTies.of(sparsifier, task, states, contexts, weights, lam(p)) if consensus else None
     scale_total = 1.0
     if not consensus and p.normalize:
         summed = float(torch.tensor(weights, dtype=torch.float32).sum())
