@@ -443,10 +443,13 @@ class _Executor:
         base = [(plan.base, plan.source_name)] if plan.base is not None else []
         return base + list(zip(plan.models, plan.model_names))
 
-    def _read_inputs(self, plan: TensorPlan, rows: tuple[int, int] | None, raw: bool = False):
-        """Base and models: float32 copies, or (``raw``) stored-dtype views of the read buffers."""
+    def _read_inputs(self, plan: TensorPlan, rows: tuple[int, int] | None, raw: bool = False, probe: bool = True):
+        """Base and models: float32 copies, or (``raw``) stored-dtype views of the read buffers.
+
+        ``probe``: False when these rows have had their NaN/Inf probe already.
+        """
         load = self._load_raw if raw else self._load
-        probe = not plan.strategy.propagates_nonfinite  # else the output is checked (_check_output)
+        probe = probe and not plan.strategy.propagates_nonfinite  # else the output is checked (_check_output)
         base = load(plan.base, rows, plan.source_name, 0, probe) if plan.base is not None else None
         models = [load(m, rows, n, 1 + i, probe) for i, (m, n) in enumerate(zip(plan.models, plan.model_names))]
         return base, models
@@ -484,13 +487,18 @@ class _Executor:
         key = self._key(plan)
 
         loaded: list[tuple[int, int]] = []  # the rows mapped last: streaming keeps one chunk resident
+        # rows [0, probed[0]) have had their NaN/Inf probe: a strategy's prepare pass reads the
+        # tensor in order, and the apply pass then need not probe the same rows again
+        probed = [0]
 
         def load(start: int, stop: int):
             rows = (start, stop)
             if loaded:
                 self._release(plan, loaded.pop())
             loaded.append(rows)
-            base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs)
+            base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs, probe=stop > probed[0])
+            if start <= probed[0]:
+                probed[0] = max(probed[0], stop)
             return make_task(
                 strat,
                 plan.name,
