@@ -39,6 +39,12 @@ class DictSource:
             return t
         return out[: t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        return None
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        pass
+
 
 def base_tensors(shapes: dict | None = None) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)

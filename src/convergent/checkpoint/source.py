@@ -55,6 +55,15 @@ class TensorSource(Protocol):
         """
         ...
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Tensor ``name`` (or rows) without a copy: a copy-on-write view of a mapped file; None where only
+        ``read`` works (the engine then reads). Valid until :meth:`release` of the same rows."""
+        ...
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Give back the memory that :meth:`view` mapped for ``name`` (or those rows); a no-op without views."""
+        ...
+
 
 def read_buffer(out: torch.Tensor | None, nbytes: int) -> torch.Tensor:
     """A flat uint8 tensor of ``nbytes`` to read into: a prefix of ``out``, or new memory."""

@@ -358,8 +358,7 @@ class _Executor:
         ``probe``: check it for NaN/Inf (unless ``--allow-nonfinite``).
         """
         info = src.info(name)
-        mapped = getattr(src, "view", None)
-        raw = mapped(name, rows) if mapped is not None else None
+        raw = src.view(name, rows)
         if raw is None:
             whole = rows is None or not info.shape
             count = info.numel if whole else (rows[1] - rows[0]) * determinism.row_numel(info.shape)  # type: ignore[index]
@@ -434,9 +433,7 @@ class _Executor:
     def _release(self, plan: TensorPlan, rows: tuple[int, int] | None = None) -> None:
         """Unmap the plan's inputs (or those rows) from this process; the page cache keeps them."""
         for src, name in self._sources(plan):
-            release = getattr(src, "release", None)
-            if release is not None:
-                release(name, rows)
+            src.release(name, rows)
 
     @staticmethod
     def _sources(plan: TensorPlan) -> list[tuple[TensorSource, str]]:

@@ -46,6 +46,13 @@ class StoredCheckpoint:
             raise CheckpointError(f"{self.label} has no tensor '{name}'") from None
         return self.blobs.read_known(blob, dtype, shape, rows, out)
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Blobs are read, not mapped (``read``)."""
+        return None
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Nothing is mapped."""
+
     def files(self) -> dict[str, bytes]:
         """Non-tensor files (config, tokenizer) as bytes."""
         return {name: self.blobs.read_bytes(d) for name, d in sorted(self.manifest.files.items())}
