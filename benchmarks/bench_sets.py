@@ -78,10 +78,15 @@ def bench_ingest(fam: Any, work: Path, repeat: int) -> dict[str, Any]:
             dedup.append(time.perf_counter() - t)
         shutil.rmtree(root, ignore_errors=True)
     return {
-        "bytes": nbytes, "sha256_s": raw, "ingest_s": min(fresh), "ingest_dedup_s": min(dedup),
-        "sha256_MBps": nbytes / raw / 1e6, "ingest_MBps": nbytes / min(fresh) / 1e6,
+        "bytes": nbytes,
+        "sha256_s": raw,
+        "ingest_s": min(fresh),
+        "ingest_dedup_s": min(dedup),
+        "sha256_MBps": nbytes / raw / 1e6,
+        "ingest_MBps": nbytes / min(fresh) / 1e6,
         "ingest_dedup_MBps": nbytes / min(dedup) / 1e6,
-        "ingest_vs_sha256": min(fresh) / raw, "dedup_vs_sha256": min(dedup) / raw,
+        "ingest_vs_sha256": min(fresh) / raw,
+        "dedup_vs_sha256": min(dedup) / raw,
     }
 
 
@@ -174,11 +179,16 @@ def bench_resolve(fam: Any, work: Path, repeat: int, threads: int) -> dict[str, 
     mset = store.create_set("bench", "ties", fam.base, params={"density": 0.5}, dtype=fam.cfg.dtype)
     by_id = {mset.add(p): p for p in fam.finetunes}
     ordered = [by_id[c] for c in mset.live()]  # the set's canonical order
-    recipe = Recipe.model_validate({
-        "merge_method": "ties", "base_model": str(fam.base), "dtype": "float32", "out_dtype": fam.cfg.dtype,
-        "parameters": {"density": 0.5},
-        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in ordered],
-    })
+    recipe = Recipe.model_validate(
+        {
+            "merge_method": "ties",
+            "base_model": str(fam.base),
+            "dtype": "float32",
+            "out_dtype": fam.cfg.dtype,
+            "parameters": {"density": 0.5},
+            "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in ordered],
+        }
+    )
     _read_all([f for m in [fam.base, *ordered] for f in sorted(m.glob("*.safetensors"))])
     _read_all([p for p in (root / "store" / "blobs").rglob("*") if p.is_file()])
     one, res, plan, one_cpu, res_cpu = [], [], [], [], []
@@ -204,11 +214,19 @@ def bench_resolve(fam: Any, work: Path, repeat: int, threads: int) -> dict[str, 
     store.close()
     shutil.rmtree(root, ignore_errors=True)
     return {
-        "oneshot_s": min(one), "resolve_s": min(res), "overhead_pct": 100 * (min(res) - min(one)) / min(one),
-        "set_job_build_s": min(plan), "set_job_build_pct": 100 * min(plan) / min(one),
-        "identical_model_bytes": same, "cached_resolve_s": cached_s, "cached": cached.cached,
-        "oneshot_runs_s": one, "resolve_runs_s": res, "threads": threads,
-        "oneshot_cpu_s": min(one_cpu), "resolve_cpu_s": min(res_cpu),
+        "oneshot_s": min(one),
+        "resolve_s": min(res),
+        "overhead_pct": 100 * (min(res) - min(one)) / min(one),
+        "set_job_build_s": min(plan),
+        "set_job_build_pct": 100 * min(plan) / min(one),
+        "identical_model_bytes": same,
+        "cached_resolve_s": cached_s,
+        "cached": cached.cached,
+        "oneshot_runs_s": one,
+        "resolve_runs_s": res,
+        "threads": threads,
+        "oneshot_cpu_s": min(one_cpu),
+        "resolve_cpu_s": min(res_cpu),
         "overhead_cpu_pct": 100 * (min(res_cpu) - min(one_cpu)) / min(one_cpu),
     }
 
@@ -246,37 +264,71 @@ def main() -> None:
         rows += _join_rows(joins, args.contributions)
     if resolve:
         rows += _resolve_rows(resolve)
-    print_table(f"merge sets ({cfg.layers} layers, {fam.manifest['parameters']:,} params/model, {args.dtype})",
-                ["area", "what", "time", "note"], rows)
-    path = write_json("sets.json", {
-        "config": vars(args) | {"workdir": str(args.workdir)}, "machine": machine_info(args.workdir),
-        "parameters_per_model": fam.manifest["parameters"], "ingest": ingest, "join": joins, "resolve": resolve,
-    })
+    print_table(
+        f"merge sets ({cfg.layers} layers, {fam.manifest['parameters']:,} params/model, {args.dtype})",
+        ["area", "what", "time", "note"],
+        rows,
+    )
+    path = write_json(
+        "sets.json",
+        {
+            "config": vars(args) | {"workdir": str(args.workdir)},
+            "machine": machine_info(args.workdir),
+            "parameters_per_model": fam.manifest["parameters"],
+            "ingest": ingest,
+            "join": joins,
+            "resolve": resolve,
+        },
+    )
     print(f"wrote {path}")
 
 
 def _ingest_rows(ingest: dict[str, Any]) -> list[list[Any]]:
     mbytes = ingest["bytes"] / 1e6
     return [
-        ["ingest", f"sha256 of {mbytes:.0f} MB (read+hash)", f"{ingest['sha256_s']:.3f} s",
-         f"{ingest['sha256_MBps']:.0f} MB/s"],
-        ["ingest", "add (hash+write+fsync+commit)", f"{ingest['ingest_s']:.3f} s",
-         f"{ingest['ingest_MBps']:.0f} MB/s = {ingest['ingest_vs_sha256']:.2f}x sha256"],
-        ["ingest", "add again (all blobs present)", f"{ingest['ingest_dedup_s']:.3f} s",
-         f"{ingest['ingest_dedup_MBps']:.0f} MB/s = {ingest['dedup_vs_sha256']:.2f}x sha256"],
+        [
+            "ingest",
+            f"sha256 of {mbytes:.0f} MB (read+hash)",
+            f"{ingest['sha256_s']:.3f} s",
+            f"{ingest['sha256_MBps']:.0f} MB/s",
+        ],
+        [
+            "ingest",
+            "add (hash+write+fsync+commit)",
+            f"{ingest['ingest_s']:.3f} s",
+            f"{ingest['ingest_MBps']:.0f} MB/s = {ingest['ingest_vs_sha256']:.2f}x sha256",
+        ],
+        [
+            "ingest",
+            "add again (all blobs present)",
+            f"{ingest['ingest_dedup_s']:.3f} s",
+            f"{ingest['ingest_dedup_MBps']:.0f} MB/s = {ingest['dedup_vs_sha256']:.2f}x sha256",
+        ],
     ]
 
 
 def _join_rows(joins: dict[str, Any], n: int) -> list[list[Any]]:
     args_contributions = n
     return [
-        ["join", f"pure OR-Set union, 2 x {args_contributions}", f"{joins['pure_join_s']:.3f} s",
-         f"{joins['pure_live']} live"],
+        [
+            "join",
+            f"pure OR-Set union, 2 x {args_contributions}",
+            f"{joins['pure_join_s']:.3f} s",
+            f"{joins['pure_live']} live",
+        ],
         ["join", f"parse a {joins['state_json_bytes'] / 1e6:.1f} MB state", f"{joins['parse_state_s']:.3f} s", ""],
-        ["join", f"store: {args_contributions} new into empty", f"{joins['store_join_first_s']:.3f} s",
-         "validated, 1 transaction"],
-        ["join", f"store: {args_contributions} more on top", f"{joins['store_join_second_s']:.3f} s",
-         f"{joins['live_after']} live"],
+        [
+            "join",
+            f"store: {args_contributions} new into empty",
+            f"{joins['store_join_first_s']:.3f} s",
+            "validated, 1 transaction",
+        ],
+        [
+            "join",
+            f"store: {args_contributions} more on top",
+            f"{joins['store_join_second_s']:.3f} s",
+            f"{joins['live_after']} live",
+        ],
         ["join", "store: same state again", f"{joins['store_join_again_s']:.3f} s", "idempotent, no change"],
         ["join", "store: read full state", f"{joins['store_state_s']:.3f} s", ""],
     ]
@@ -285,13 +337,24 @@ def _join_rows(joins: dict[str, Any], n: int) -> list[list[Any]]:
 def _resolve_rows(resolve: dict[str, Any]) -> list[list[Any]]:
     return [
         ["resolve", "one-shot merge (ties, recipe)", f"{resolve['oneshot_s']:.3f} s", ""],
-        ["resolve", "set resolve (same inputs, same order)", f"{resolve['resolve_s']:.3f} s",
-         f"{resolve['overhead_pct']:+.1f}% vs one-shot; bytes identical: {resolve['identical_model_bytes']}"],
-        ["resolve", "CPU time: one-shot / resolve",
-         f"{resolve['oneshot_cpu_s']:.2f} / {resolve['resolve_cpu_s']:.2f} s",
-         f"{resolve['overhead_cpu_pct']:+.1f}% CPU"],
-        ["resolve", "set layer alone (job from the store)", f"{resolve['set_job_build_s']:.4f} s",
-         f"{resolve['set_job_build_pct']:.2f}% of a merge"],
+        [
+            "resolve",
+            "set resolve (same inputs, same order)",
+            f"{resolve['resolve_s']:.3f} s",
+            f"{resolve['overhead_pct']:+.1f}% vs one-shot; bytes identical: {resolve['identical_model_bytes']}",
+        ],
+        [
+            "resolve",
+            "CPU time: one-shot / resolve",
+            f"{resolve['oneshot_cpu_s']:.2f} / {resolve['resolve_cpu_s']:.2f} s",
+            f"{resolve['overhead_cpu_pct']:+.1f}% CPU",
+        ],
+        [
+            "resolve",
+            "set layer alone (job from the store)",
+            f"{resolve['set_job_build_s']:.4f} s",
+            f"{resolve['set_job_build_pct']:.2f}% of a merge",
+        ],
         ["resolve", "resolve again (cached by root)", f"{resolve['cached_resolve_s']:.3f} s", ""],
     ]
 

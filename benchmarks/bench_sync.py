@@ -107,8 +107,9 @@ class Nodes:
 
 
 # -- data ---------------------------------------------------------------------
-def checkpoint(path: Path, total_mb: float, seed: int, tensors: int = 8, same_as: dict | None = None,
-               change: int | None = None) -> dict[str, torch.Tensor]:
+def checkpoint(
+    path: Path, total_mb: float, seed: int, tensors: int = 8, same_as: dict | None = None, change: int | None = None
+) -> dict[str, torch.Tensor]:
     """A float32 checkpoint of about ``total_mb`` MB in ``tensors`` square-ish tensors.
 
     With ``same_as``, only the first ``change`` tensors differ from it (a partial fine-tune).
@@ -170,14 +171,20 @@ def bench_bytes(work: Path, nodes: Nodes, size_mb: float) -> list[dict[str, Any]
         need_bytes = blob_bytes(a, need)
         push = sync_set(a, "bytes", url, TOKEN)
         assert push.ok and push.in_sync, push
-        results.append({
-            "scenario": label, "direction": "push", "lacked_blobs": len(need), "lacked_bytes": need_bytes,
-            "wire_sent": push.traffic["sent"], "wire_received": push.traffic["received"],
-            "wire_total": push.traffic["sent"] + push.traffic["received"],
-            "ratio_total": round((push.traffic["sent"] + push.traffic["received"]) / max(need_bytes, 1), 4),
-            "metadata_bytes": push.traffic["sent"] + push.traffic["received"] - push.traffic["blob_bytes_sent"],
-            "requests": push.traffic["requests"],
-        })
+        results.append(
+            {
+                "scenario": label,
+                "direction": "push",
+                "lacked_blobs": len(need),
+                "lacked_bytes": need_bytes,
+                "wire_sent": push.traffic["sent"],
+                "wire_received": push.traffic["received"],
+                "wire_total": push.traffic["sent"] + push.traffic["received"],
+                "ratio_total": round((push.traffic["sent"] + push.traffic["received"]) / max(need_bytes, 1), 4),
+                "metadata_bytes": push.traffic["sent"] + push.traffic["received"] - push.traffic["blob_bytes_sent"],
+                "requests": push.traffic["requests"],
+            }
+        )
         # Reverse: a fresh store C pulls the same set from B (which now holds everything).
         c_dir = work / "bytes" / f"c{k}"
         shutil.rmtree(c_dir, ignore_errors=True)
@@ -189,14 +196,20 @@ def bench_bytes(work: Path, nodes: Nodes, size_mb: float) -> list[dict[str, Any]
         need_bytes = blob_bytes(b, need)
         pull = sync_set(c, "bytes", url, None)
         assert pull.ok, pull
-        results.append({
-            "scenario": label, "direction": "pull", "lacked_blobs": len(need), "lacked_bytes": need_bytes,
-            "wire_sent": pull.traffic["sent"], "wire_received": pull.traffic["received"],
-            "wire_total": pull.traffic["sent"] + pull.traffic["received"],
-            "ratio_total": round((pull.traffic["sent"] + pull.traffic["received"]) / max(need_bytes, 1), 4),
-            "metadata_bytes": pull.traffic["sent"] + pull.traffic["received"] - pull.traffic["blob_bytes_received"],
-            "requests": pull.traffic["requests"],
-        })
+        results.append(
+            {
+                "scenario": label,
+                "direction": "pull",
+                "lacked_blobs": len(need),
+                "lacked_bytes": need_bytes,
+                "wire_sent": pull.traffic["sent"],
+                "wire_received": pull.traffic["received"],
+                "wire_total": pull.traffic["sent"] + pull.traffic["received"],
+                "ratio_total": round((pull.traffic["sent"] + pull.traffic["received"]) / max(need_bytes, 1), 4),
+                "metadata_bytes": pull.traffic["sent"] + pull.traffic["received"] - pull.traffic["blob_bytes_received"],
+                "requests": pull.traffic["requests"],
+            }
+        )
         for s in (a, b, c):
             s.close()
         nodes.stop()
@@ -238,8 +251,15 @@ def bench_rounds(work: Path, nodes: Nodes, counts: list[int], trials: int) -> li
                     if len(digests) == 1 or rounds >= 100:
                         break
             trial_rounds.append(rounds)
-        out.append({"nodes": n, "trials": trials, "rounds": trial_rounds,
-                    "mean": round(sum(trial_rounds) / len(trial_rounds), 2), "max": max(trial_rounds)})
+        out.append(
+            {
+                "nodes": n,
+                "trials": trials,
+                "rounds": trial_rounds,
+                "mean": round(sum(trial_rounds) / len(trial_rounds), 2),
+                "max": max(trial_rounds),
+            }
+        )
         for s in stores:
             s.close()
         nodes.stop()
@@ -307,10 +327,14 @@ def bench_throughput(work: Path, nodes: Nodes, size_mb: float) -> dict[str, Any]
     dst.close()
     return {
         "bytes": nbytes,
-        "copy_s": round(copy_s, 3), "copy_MBps": round(nbytes / 1e6 / copy_s, 1),
-        "pull_s": round(pull_s, 3), "pull_MBps": round(nbytes / 1e6 / pull_s, 1),
-        "push_s": round(push_s, 3), "push_MBps": round(nbytes / 1e6 / push_s, 1),
-        "pull_vs_copy": round(pull_s / copy_s, 2), "push_vs_copy": round(push_s / copy_s, 2),
+        "copy_s": round(copy_s, 3),
+        "copy_MBps": round(nbytes / 1e6 / copy_s, 1),
+        "pull_s": round(pull_s, 3),
+        "pull_MBps": round(nbytes / 1e6 / pull_s, 1),
+        "push_s": round(push_s, 3),
+        "push_MBps": round(nbytes / 1e6 / push_s, 1),
+        "pull_vs_copy": round(pull_s / copy_s, 2),
+        "push_vs_copy": round(push_s / copy_s, 2),
     }
 
 
@@ -334,8 +358,18 @@ def main() -> None:
             print_table(
                 "bytes on the wire per sync vs bytes of blobs the peer lacked",
                 ["scenario", "dir", "lacked MB", "wire MB", "ratio", "metadata kB", "requests"],
-                [[r["scenario"], r["direction"], mb(r["lacked_bytes"]), mb(r["wire_total"]), f"{r['ratio_total']:.4f}",
-                  round(r["metadata_bytes"] / 1e3, 1), r["requests"]] for r in results["bytes"]],
+                [
+                    [
+                        r["scenario"],
+                        r["direction"],
+                        mb(r["lacked_bytes"]),
+                        mb(r["wire_total"]),
+                        f"{r['ratio_total']:.4f}",
+                        round(r["metadata_bytes"] / 1e3, 1),
+                        r["requests"],
+                    ]
+                    for r in results["bytes"]
+                ],
             )
         if "rounds" not in skip:
             counts = [int(x) for x in args.nodes.split(",") if x]
@@ -343,17 +377,21 @@ def main() -> None:
             print_table(
                 "gossip rounds to converge (every node starts with one unique contribution)",
                 ["nodes", "trials", "mean rounds", "max rounds", "per trial"],
-                [[r["nodes"], r["trials"], r["mean"], r["max"], " ".join(map(str, r["rounds"]))]
-                 for r in results["rounds"]],
+                [
+                    [r["nodes"], r["trials"], r["mean"], r["max"], " ".join(map(str, r["rounds"]))]
+                    for r in results["rounds"]
+                ],
             )
         if "throughput" not in skip:
             tp = results["throughput"] = bench_throughput(work, nodes, args.mb)
             print_table(
                 f"loopback sync of a {mb(tp['bytes'])} MB contribution vs a plain file copy",
                 ["what", "seconds", "MB/s", "vs copy"],
-                [["file copy + fsync", tp["copy_s"], tp["copy_MBps"], "1.00"],
-                 ["sync pull (HTTP, verify, fsync)", tp["pull_s"], tp["pull_MBps"], tp["pull_vs_copy"]],
-                 ["sync push (HTTP, verify, fsync)", tp["push_s"], tp["push_MBps"], tp["push_vs_copy"]]],
+                [
+                    ["file copy + fsync", tp["copy_s"], tp["copy_MBps"], "1.00"],
+                    ["sync pull (HTTP, verify, fsync)", tp["pull_s"], tp["pull_MBps"], tp["pull_vs_copy"]],
+                    ["sync push (HTTP, verify, fsync)", tp["push_s"], tp["push_MBps"], tp["push_vs_copy"]],
+                ],
             )
     finally:
         nodes.stop()

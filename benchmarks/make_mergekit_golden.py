@@ -98,8 +98,13 @@ def main() -> None:
         (tmpdir / "cases.json").write_text(json.dumps(cases))
         (tmpdir / "runner.py").write_text(RUNNER)
         subprocess.run(
-            [args.mergekit_python, tmpdir / "runner.py", tmpdir / "in.safetensors", tmpdir / "cases.json",
-             tmpdir / "out.safetensors"],
+            [
+                args.mergekit_python,
+                tmpdir / "runner.py",
+                tmpdir / "in.safetensors",
+                tmpdir / "cases.json",
+                tmpdir / "out.safetensors",
+            ],
             check=True,
         )
         outputs = load_file(tmpdir / "out.safetensors")
@@ -108,7 +113,9 @@ def main() -> None:
     save_file(outputs, OUT / "outputs.safetensors")
     version = subprocess.run(
         [args.mergekit_python, "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     (OUT / "cases.json").write_text(json.dumps({"mergekit": version, "cases": cases}, indent=1) + "\n")
     print(f"wrote {len(outputs)} mergekit {version} outputs to {OUT}")

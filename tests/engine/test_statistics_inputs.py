@@ -29,8 +29,13 @@ def test_fisher_statistics_weight_the_merge_even_when_streamed(tmp_path):
     ]
     outputs = []
     for chunk_rows in (None, 600):
-        job = MergeJob(method="fisher", models=models, out_dir=tmp_path / f"out{chunk_rows}", params=constant({}),
-                       chunk_rows=chunk_rows)
+        job = MergeJob(
+            method="fisher",
+            models=models,
+            out_dir=tmp_path / f"out{chunk_rows}",
+            params=constant({}),
+            chunk_rows=chunk_rows,
+        )
         run_merge(job)
         outputs.append(open_checkpoint(job.out_dir).read("w"))
     assert torch.equal(outputs[0], outputs[1])

@@ -135,8 +135,25 @@ def test_cli_merge_and_fold(lora_family: LoraFamily, tmp_path):
     out = tmp_path / "merged"
     result = runner.invoke(
         lora_app,
-        ["merge", str(a["a1"]), str(a["a2"]), str(a["a3"]), "--out", str(out), "--method", "dare_ties",
-         "--weights", "0.5,0.3,0.2", "--density", "0.5", "--rank", "8", "--seed", "11", "--json"],
+        [
+            "merge",
+            str(a["a1"]),
+            str(a["a2"]),
+            str(a["a3"]),
+            "--out",
+            str(out),
+            "--method",
+            "dare_ties",
+            "--weights",
+            "0.5,0.3,0.2",
+            "--density",
+            "0.5",
+            "--rank",
+            "8",
+            "--seed",
+            "11",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     data = json.loads(result.stdout)
@@ -156,8 +173,20 @@ def test_cli_merge_and_fold(lora_family: LoraFamily, tmp_path):
     assert result.exit_code != 0 and isinstance(result.exception, MergeInputError)
     result = runner.invoke(lora_app, ["merge", str(a["a1"]), "--out", str(tmp_path / "y"), "--weights", "a,b"])
     assert result.exit_code != 0 and isinstance(result.exception, RecipeError)
-    result = runner.invoke(lora_app, ["merge", str(a["a1"]), str(a["a2"]), "--out", str(tmp_path / "z"),
-                                      "--method", "linear", "--param", "normalize=false"])
+    result = runner.invoke(
+        lora_app,
+        [
+            "merge",
+            str(a["a1"]),
+            str(a["a2"]),
+            "--out",
+            str(tmp_path / "z"),
+            "--method",
+            "linear",
+            "--param",
+            "normalize=false",
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "merged 2 adapters (linear)" in result.stderr
 

@@ -98,8 +98,13 @@ def test_delta_space_strategies_agree_with_direct_run(lora_family: LoraFamily, t
     density = None if method in ("linear", "task_arithmetic") else 0.5
     out = tmp_path / method
     merge_adapters(
-        [lora_family.adapters[n] for n in names], out, method=method, weights=weights, density=density,
-        rank=64, seed=7,
+        [lora_family.adapters[n] for n in names],
+        out,
+        method=method,
+        weights=weights,
+        density=density,
+        rank=64,
+        seed=7,
     )
     got = read_deltas(out)
     union = sorted(set().union(*(lora_family.deltas[n] for n in names)))

@@ -113,8 +113,15 @@ class Cluster:
         self.read_token_file.write_text(READ_TOKEN + "\n")
 
     def node(
-        self, store: Path, *, token: bool = True, read_token: bool = False, gossip: list[str] | None = None,
-        env: dict[str, str] | None = None, port: int | None = None, start: bool = True,
+        self,
+        store: Path,
+        *,
+        token: bool = True,
+        read_token: bool = False,
+        gossip: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        start: bool = True,
     ) -> Node:
         port = port or free_port()
         args: list[str] = []

@@ -76,8 +76,9 @@ def test_reads_are_content_addressed(env):
     assert node.get(f"/v1/sets/{'0' * 64}/root").status_code == 404
     assert node.get(f"/v1/manifests/{'0' * 64}").status_code == 404
     assert node.get(f"/v1/blobs/{'0' * 64}").status_code == 404
-    missing = httpx.post(node.url + "/v1/missing", json={"manifests": [mset.genesis.base, "1" * 64],
-                                                          "blobs": ["2" * 64]}).json()
+    missing = httpx.post(
+        node.url + "/v1/missing", json={"manifests": [mset.genesis.base, "1" * 64], "blobs": ["2" * 64]}
+    ).json()
     assert missing == {"manifests": ["1" * 64], "blobs": ["2" * 64]}
     del store
 
@@ -112,11 +113,16 @@ def test_no_token_no_write(env):
     state = node.get(f"/v1/sets/{mset.id}/state").content
     body = node.get(f"/v1/manifests/{mset.genesis.base}").content
     before = _tree(env["tmp"])
-    for headers, code in [({}, 401), ({"Authorization": "Bearer wrong-token-wrong-token"}, 403),
-                          ({"Authorization": "Basic abc"}, 401)]:
+    for headers, code in [
+        ({}, 401),
+        ({"Authorization": "Bearer wrong-token-wrong-token"}, 403),
+        ({"Authorization": "Basic abc"}, 401),
+    ]:
         assert httpx.post(node.url + f"/v1/sets/{mset.id}/state", content=state, headers=headers).status_code == code
-        assert httpx.put(node.url + f"/v1/manifests/{mset.genesis.base}", content=body,
-                         headers=headers).status_code == code
+        assert (
+            httpx.put(node.url + f"/v1/manifests/{mset.genesis.base}", content=body, headers=headers).status_code
+            == code
+        )
         r = httpx.put(node.url + f"/v1/blobs/{'a' * 64}", params={"size": 3}, content=b"abc", headers=headers)
         assert r.status_code == code
         assert httpx.get(node.url + f"/v1/uploads/{'a' * 64}", headers=headers).status_code == code
@@ -184,10 +190,20 @@ def test_malformed_bodies_never_500_and_keep_nothing(env):
     bad_genesis = json.loads(json.dumps(state))
     bad_genesis["genesis"]["strategy"] = "ties"  # genesis no longer hashes to the set id
     bodies = [
-        b"", b"null", b"[]", b"{}", b"not json", b"\xff\xfe\x00", b"[" * 50000, b'{"set_id": 1}',
-        json.dumps(wrong_set).encode(), json.dumps(wrong_weight).encode(), json.dumps(bad_genesis).encode(),
+        b"",
+        b"null",
+        b"[]",
+        b"{}",
+        b"not json",
+        b"\xff\xfe\x00",
+        b"[" * 50000,
+        b'{"set_id": 1}',
+        json.dumps(wrong_set).encode(),
+        json.dumps(wrong_weight).encode(),
+        json.dumps(bad_genesis).encode(),
         json.dumps(dict(state, adds=[{"contribution": "c" * 64, "tag": "0" * 32}])).encode(),
-        json.dumps(dict(state, extra=1)).encode(), b'{"set_id": NaN}',
+        json.dumps(dict(state, extra=1)).encode(),
+        b'{"set_id": NaN}',
     ]
     with httpx.Client(base_url=node.url, headers=AUTH, timeout=10) as c:
         for body in bodies:
@@ -206,8 +222,14 @@ def test_malformed_bodies_never_500_and_keep_nothing(env):
             assert 400 <= c.post("/v1/missing", content=body).status_code < 500
         # Blob uploads: bad parameters, too many bytes, wrong bytes.
         d = "e" * 64
-        for params in [{}, {"size": -1}, {"size": "x"}, {"size": 3, "offset": 5}, {"size": 3, "offset": -1},
-                       {"size": 10**30}]:
+        for params in [
+            {},
+            {"size": -1},
+            {"size": "x"},
+            {"size": 3, "offset": 5},
+            {"size": 3, "offset": -1},
+            {"size": 10**30},
+        ]:
             assert 400 <= c.put(f"/v1/blobs/{d}", params=params, content=b"abc").status_code < 500
         assert c.put(f"/v1/blobs/{d}", params={"size": 2}, content=b"abc").status_code == 400
         r = c.put(f"/v1/blobs/{d}", params={"size": 3}, content=b"abc")

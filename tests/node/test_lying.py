@@ -32,10 +32,14 @@ def _inject(store: Store, set_name: str, checkpoint, contribution_for) -> str:
     contrib = contribution_for(mset.id, manifest.id)
     with store.db.write() as c:
         store._insert_manifest(c, manifest)
-        c.execute("INSERT INTO contributions(id, set_id, manifest_id, body) VALUES (?, ?, ?, ?)",
-                  (contrib.id, mset.id, manifest.id, contrib.canonical()))
-        c.execute("INSERT INTO tags(set_id, contribution_id, tag, seq) VALUES (?, ?, ?, 0)",
-                  (mset.id, contrib.id, hashlib.sha256(contrib.id.encode()).hexdigest()[:32]))
+        c.execute(
+            "INSERT INTO contributions(id, set_id, manifest_id, body) VALUES (?, ?, ?, ?)",
+            (contrib.id, mset.id, manifest.id, contrib.canonical()),
+        )
+        c.execute(
+            "INSERT INTO tags(set_id, contribution_id, tag, seq) VALUES (?, ?, ?, 0)",
+            (mset.id, contrib.id, hashlib.sha256(contrib.id.encode()).hexdigest()[:32]),
+        )
     return contrib.id
 
 
@@ -115,8 +119,12 @@ def test_lying_peers_are_refused_and_honest_nodes_unaffected(cluster, tmp_path):
         pushed = sync_set(liar, "signed", h_node.url, TOKEN)
         assert not pushed.ok, (what, pushed)
         with PeerClient(h_node.url, TOKEN) as client:  # posting the state directly: 422 as well
-            r = client.request("POST", f"/sets/{liar.get_set('signed').id}/state",
-                               content=liar.get_set("signed").state().to_json(), ok=(422,))
+            r = client.request(
+                "POST",
+                f"/sets/{liar.get_set('signed').id}/state",
+                content=liar.get_set("signed").state().to_json(),
+                ok=(422,),
+            )
             assert "sign" in r.json()["error"]
         assert _snapshot(honest, "signed")[:2] == signed_before[:2]
         assert bad not in honest.get_set("signed").live()

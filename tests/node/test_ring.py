@@ -49,7 +49,10 @@ def test_three_nodes_ring_sync_converges_and_resolves_identically(cluster, tmp_p
     assert r01.ok and r01.in_sync, r01
     cli = subprocess.run(
         [*SERVE, "sync", "ring", "--peer", nodes[2].url, "--store", str(tmp_path / "store1"), "--json"],
-        capture_output=True, text=True, timeout=120, env={**nodes[0].env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**nodes[0].env},
     )
     assert cli.returncode == 0, cli.stderr
     out = json.loads(cli.stdout)
@@ -70,13 +73,31 @@ def test_three_nodes_ring_sync_converges_and_resolves_identically(cluster, tmp_p
     # The gossip and status commands agree (separate processes, run side by side).
     env = {**nodes[0].env}
     gossip = subprocess.Popen(
-        [*SERVE, "gossip", "ring", "--peers", f"{nodes[1].url},{nodes[2].url}", "--rounds", "2", "--interval",
-         "100ms", "--store", str(tmp_path / "store0"), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [
+            *SERVE,
+            "gossip",
+            "ring",
+            "--peers",
+            f"{nodes[1].url},{nodes[2].url}",
+            "--rounds",
+            "2",
+            "--interval",
+            "100ms",
+            "--store",
+            str(tmp_path / "store0"),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     status = subprocess.Popen(
         [*SERVE, "status", "ring", "--peer", nodes[0].url, "--store", str(tmp_path / "store2"), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     g_out, g_err = gossip.communicate(timeout=120)
     s_out, s_err = status.communicate(timeout=120)

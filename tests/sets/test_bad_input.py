@@ -96,8 +96,7 @@ def test_truncated_garbage_and_foreign_bundles(pair) -> None:
         t.addfile(info, io.BytesIO(b"x"))
     assert_refused(b, evil, IntegrityError, "unexpected bundle member")
     assert not (tmp / "evil").exists()
-    dropped = rewrite(tmp / "full.tar", tmp / "dropped.tar",
-                      lambda n, d: None if n.startswith("blobs/") else d)
+    dropped = rewrite(tmp / "full.tar", tmp / "dropped.tar", lambda n, d: None if n.startswith("blobs/") else d)
     assert_refused(b, dropped, IntegrityError, "does not contain")
 
 
@@ -117,22 +116,23 @@ def test_forged_contribution_and_genesis(pair) -> None:
         for c in state["contributions"]:
             c["weight"] = 100.0
 
-    assert_refused(b, rewrite(tmp / "full.tar", tmp / "w.tar", edit_state(weight)), IntegrityError,
-                   "does not carry")
+    assert_refused(b, rewrite(tmp / "full.tar", tmp / "w.tar", edit_state(weight)), IntegrityError, "does not carry")
 
     def strategy(state: dict) -> None:
         state["genesis"]["strategy"] = "ties"
 
-    assert_refused(b, rewrite(tmp / "full.tar", tmp / "g.tar", edit_state(strategy)), IntegrityError,
-                   "genesis does not hash")
+    assert_refused(
+        b, rewrite(tmp / "full.tar", tmp / "g.tar", edit_state(strategy)), IntegrityError, "genesis does not hash"
+    )
 
 
 def test_signed_sets_refuse_unsigned_and_foreign_signatures(tmp_path: Path) -> None:
     good = identity.Ed25519PrivateKey.generate()
     other = identity.Ed25519PrivateKey.generate()
     with Store.open(tmp_path / "a") as a, Store.open(tmp_path / "b") as b:
-        ma = a.create_set("signed", "linear", base_source(), require_signed=True,
-                          allowed_keys=[identity.public_hex(good)])
+        ma = a.create_set(
+            "signed", "linear", base_source(), require_signed=True, allowed_keys=[identity.public_hex(good)]
+        )
         with pytest.raises(SignatureError, match="requires"):
             ma.add(FTS[0])
         with pytest.raises(SignatureError):
@@ -155,8 +155,12 @@ def test_signed_sets_refuse_unsigned_and_foreign_signatures(tmp_path: Path) -> N
         mb = b.get_set("signed")
         # join of a state carrying an unsigned contribution (its data present): refused, nothing kept
         unsigned = Contribution(set=ma.id, manifest=ma.contribution(cid).manifest, weight=3.0)
-        forged = SetState(set_id=ma.id, genesis=ma.genesis, contributions=(unsigned,),
-                          adds=(AddTag(contribution=unsigned.id, tag="f" * 32),))
+        forged = SetState(
+            set_id=ma.id,
+            genesis=ma.genesis,
+            contributions=(unsigned,),
+            adds=(AddTag(contribution=unsigned.id, tag="f" * 32),),
+        )
         before = store_snapshot(b.path)
         with pytest.raises(SignatureError, match="unsigned"):
             mb.join(forged)

@@ -33,14 +33,26 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 def test_cli_walkthrough(tmp_path: Path, family: tuple[Path, list[Path]]) -> None:
     base, fts = family
     a, b = tmp_path / "a", tmp_path / "b"
-    created = run("create", "demo", "--strategy", "ties", "--base", base, "--param", "density=0.5",
-                  "--dtype", "bfloat16", "--store", a, "--json")
+    created = run(
+        "create",
+        "demo",
+        "--strategy",
+        "ties",
+        "--base",
+        base,
+        "--param",
+        "density=0.5",
+        "--dtype",
+        "bfloat16",
+        "--store",
+        a,
+        "--json",
+    )
     set_id = created["set_id"]
     assert created["params"] == {"density": 0.5}
     key = run("keygen", tmp_path / "me.key", "--json")
     c1 = run("add", "demo", fts[0], "--weight", "2", "--meta", "who=alice", "--store", a, "--json")
-    c2 = run("add", set_id[:10], fts[1], "--key", tmp_path / "me.key", "--param", "density=0.7",
-             "--store", a, "--json")
+    c2 = run("add", set_id[:10], fts[1], "--key", tmp_path / "me.key", "--param", "density=0.7", "--store", a, "--json")
     assert c2["signer"] == key["public_key"]
     status = run("status", "demo", "--store", a, "--json")
     assert [c["id"] for c in status["live"]] == sorted([c1["contribution"], c2["contribution"]])

@@ -98,9 +98,19 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
         export_bundle(pset, tmp_path / "peer-rm.tar")
         bundles.append(str(tmp_path / "peer-rm.tar"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.store.crash_worker", str(store_path), str(journal_path), json.dumps(bundles),
-         str(outs)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tests.store.crash_worker",
+            str(store_path),
+            str(journal_path),
+            json.dumps(bundles),
+            str(outs),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     totals: dict[str, int] = {}

@@ -172,7 +172,5 @@ def test_the_family_reads_any_stored_dtype_as_its_float32_values(dtype, method):
     if method.startswith("della"):
         mps = [{**mp, "epsilon": 0.1} for mp in mps]
     stored = merge_tensors(method, models, base=base, model_params=mps, name=NAME, seed=3)
-    as_f32 = merge_tensors(
-        method, [m.float() for m in models], base=base.float(), model_params=mps, name=NAME, seed=3
-    )
+    as_f32 = merge_tensors(method, [m.float() for m in models], base=base.float(), model_params=mps, name=NAME, seed=3)
     assert_same_bits(stored, as_f32)

@@ -202,6 +202,7 @@ def test_regmean_solves_the_least_squares_problem():
     y = torch.cat([xi.double() @ wi.double().T for xi, wi in zip(xs, ws)])
     solution = torch.linalg.lstsq(x, y).solution.T.float()
     torch.testing.assert_close(out, solution, rtol=1e-4, atol=1e-4)
+
     # and it is a minimiser: nudging it increases the loss
     def loss(w):
         return sum(((xi @ w.T - xi @ wi.T) ** 2).sum() for xi, wi in zip(xs, ws))

@@ -41,8 +41,14 @@ def _build_models(models_dir: Path) -> tuple[Path, list[Path]]:
     _quiet_transformers()
 
     config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
@@ -137,18 +143,23 @@ def demo(
     same = len({r[2] for r in rows}) == 1 and len({r[1] for r in rows}) == 1
     same_after = len({r[2] for r in after_rows}) == 1
     summary = {
-        "dir": str(work), "set_id": set_id, "strategy": strategy,
+        "dir": str(work),
+        "set_id": set_id,
+        "strategy": strategy,
         "replicas": [{"replica": r[0], "root": r[1], "model_sha256": r[2], "digest": r[3]} for r in rows],
         "after_remove": [{"replica": r[0], "root": r[1], "model_sha256": r[2], "digest": r[3]} for r in after_rows],
-        "identical": same, "identical_after_remove": same_after,
-        "forward_logits_shape": list(logits.shape), "seconds": round(elapsed, 2),
+        "identical": same,
+        "identical_after_remove": same_after,
+        "forward_logits_shape": list(logits.shape),
+        "seconds": round(elapsed, 2),
     }
     if json_out:
         emit_json(summary)
     else:
-        for title, data in (("3 replicas, 3 arrival orders, bundles exchanged", rows),
-                            ("after alice removes finetune-1 (delta bundle) vs a replica that never had it",
-                             after_rows)):
+        for title, data in (
+            ("3 replicas, 3 arrival orders, bundles exchanged", rows),
+            ("after alice removes finetune-1 (delta bundle) vs a replica that never had it", after_rows),
+        ):
             table = Table(title=title)
             for col in ("replica", "root", "model.safetensors sha256"):
                 table.add_column(col)
@@ -156,8 +167,10 @@ def demo(
                 table.add_row(r[0], r[1][:24] + "…", r[2])
             out.print(table)
         verdict = "[green]identical[/]" if same and same_after else "[red]DIFFERENT[/]"
-        out.print(f"bytes across replicas: {verdict}; merged model loads in transformers, "
-                  f"forward pass logits {tuple(logits.shape)}; {elapsed:.1f}s")
+        out.print(
+            f"bytes across replicas: {verdict}; merged model loads in transformers, "
+            f"forward pass logits {tuple(logits.shape)}; {elapsed:.1f}s"
+        )
     if not (same and same_after):
         raise typer.Exit(1)
 

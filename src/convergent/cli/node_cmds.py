@@ -67,8 +67,15 @@ def serve(
         f"{'; gossip with ' + str(len(peers)) + ' peers' if peers else ''})"
     )
     run_node(
-        st, host, port, write_token, read_token, gossip_peers=peers, interval=interval,
-        seed=int(seed_env) if seed_env else None, peer_token=peer_token,
+        st,
+        host,
+        port,
+        write_token,
+        read_token,
+        gossip_peers=peers,
+        interval=interval,
+        seed=int(seed_env) if seed_env else None,
+        peer_token=peer_token,
     )
 
 
@@ -123,8 +130,15 @@ def gossip(
     on_report = None if json_out else _print_report
     try:
         result = run_gossip(
-            st, [set_ref], urls, rounds=rounds, interval=seconds, token=token,
-            seed=int(seed_env) if seed_env else None, on_report=on_report, keep_reports=json_out,
+            st,
+            [set_ref],
+            urls,
+            rounds=rounds,
+            interval=seconds,
+            token=token,
+            seed=int(seed_env) if seed_env else None,
+            on_report=on_report,
+            keep_reports=json_out,
         )
     except KeyboardInterrupt:
         console.print("gossip stopped")
@@ -132,8 +146,9 @@ def gossip(
     if json_out:
         emit_json(result.as_dict())
     else:
-        console.print(f"{result.rounds} rounds, {result.syncs} syncs, {result.failures} failed, "
-                      f"{result.refusals} refused")
+        console.print(
+            f"{result.rounds} rounds, {result.syncs} syncs, {result.failures} failed, {result.refusals} refused"
+        )
 
 
 def _print_report(report) -> None:

@@ -88,16 +88,32 @@ def create(
     keys = [parse_public_key(k) for k in allow_key or []]
     st = _open(store, create=True)
     with progress_bar("ingesting base", 1, enabled=not json_out) as update:
-        mset = st.create_set(name, strategy, base, params=params, dtype=dtype, require_signed=require_signed,
-                             allowed_keys=keys, progress=update)
+        mset = st.create_set(
+            name,
+            strategy,
+            base,
+            params=params,
+            dtype=dtype,
+            require_signed=require_signed,
+            allowed_keys=keys,
+            progress=update,
+        )
     added = []
     for path, mparams in models:
         weight = float(mparams.pop("weight", 1.0))
         with progress_bar(f"adding {Path(path).name}", 1, enabled=not json_out) as update:
             added.append(mset.add(path, weight=weight, params=mparams, progress=update))
-    result = {"set_id": mset.id, "name": mset.name, "strategy": strategy, "base": mset.genesis.base,
-              "params": mset.genesis.params, "dtype": mset.genesis.dtype, "root": mset.root, "contributions": added,
-              "store": str(st.path)}
+    result = {
+        "set_id": mset.id,
+        "name": mset.name,
+        "strategy": strategy,
+        "base": mset.genesis.base,
+        "params": mset.genesis.params,
+        "dtype": mset.genesis.dtype,
+        "root": mset.root,
+        "contributions": added,
+        "store": str(st.path),
+    }
     if json_out:
         emit_json(result)
     else:
@@ -119,12 +135,26 @@ def add(
     st = _open(store)
     mset = st.get_set(set_name)
     with progress_bar(f"adding {path.name}", 1, enabled=not json_out) as update:
-        cid = mset.add(path, weight=weight, params=parse_pairs(param, "param"), meta=parse_pairs(meta, "meta"),
-                       key=key, progress=update)
+        cid = mset.add(
+            path,
+            weight=weight,
+            params=parse_pairs(param, "param"),
+            meta=parse_pairs(meta, "meta"),
+            key=key,
+            progress=update,
+        )
     c = mset.contribution(cid)
     if json_out:
-        emit_json({"set_id": mset.id, "contribution": cid, "manifest": c.manifest, "weight": c.weight,
-                   "signer": c.signer, "root": mset.root})
+        emit_json(
+            {
+                "set_id": mset.id,
+                "contribution": cid,
+                "manifest": c.manifest,
+                "weight": c.weight,
+                "signer": c.signer,
+                "root": mset.root,
+            }
+        )
     else:
         out.print(f"added {cid} to [bold]{mset.name}[/]")
         out.print(f"root {mset.root}")
@@ -173,11 +203,28 @@ def status(
     live = mset.contributions()
     g = mset.genesis
     data: dict[str, Any] = {
-        "set_id": mset.id, "name": mset.name, "strategy": g.strategy, "params": g.params, "dtype": g.dtype,
-        "base": g.base, "require_signed": g.require_signed, "allowed_keys": list(g.allowed_keys), "root": mset.root,
-        "live": [{"id": c.id, "manifest": c.contribution.manifest, "weight": c.contribution.weight,
-                  "params": c.contribution.params, "meta": c.contribution.meta, "signer": c.contribution.signer,
-                  "bytes": c.nbytes, "tensors": c.tensors} for c in live],
+        "set_id": mset.id,
+        "name": mset.name,
+        "strategy": g.strategy,
+        "params": g.params,
+        "dtype": g.dtype,
+        "base": g.base,
+        "require_signed": g.require_signed,
+        "allowed_keys": list(g.allowed_keys),
+        "root": mset.root,
+        "live": [
+            {
+                "id": c.id,
+                "manifest": c.contribution.manifest,
+                "weight": c.contribution.weight,
+                "params": c.contribution.params,
+                "meta": c.contribution.meta,
+                "signer": c.contribution.signer,
+                "bytes": c.nbytes,
+                "tensors": c.tensors,
+            }
+            for c in live
+        ],
     }
     if peer:
         from convergent.node.sync import compare_roots
@@ -188,22 +235,27 @@ def status(
         emit_json(data)
         return
     out.print(f"set [bold]{mset.name}[/] {mset.id}")
-    out.print(f"strategy {g.strategy} {g.params or ''} dtype {g.dtype or 'as base'}"
-              + (f"; signed by {len(g.allowed_keys)} allowed key(s) only" if g.require_signed else ""))
+    out.print(
+        f"strategy {g.strategy} {g.params or ''} dtype {g.dtype or 'as base'}"
+        + (f"; signed by {len(g.allowed_keys)} allowed key(s) only" if g.require_signed else "")
+    )
     out.print(f"root [bold]{mset.root}[/]")
     table = Table(title=f"{len(live)} live contribution(s), canonical order")
     for col in ("id", "weight", "params", "meta", "size", "signer"):
         table.add_column(col)
     for c in live:
         k = c.contribution
-        table.add_row(c.id[:16], f"{k.weight:g}", str(k.params or ""), str(k.meta or ""), _size(c.nbytes),
-                      (k.signer or "")[:16])
+        table.add_row(
+            c.id[:16], f"{k.weight:g}", str(k.params or ""), str(k.meta or ""), _size(c.nbytes), (k.signer or "")[:16]
+        )
     out.print(table)
     if peer:
         p = data["peer"]
         verdict = "[green]agree[/]" if p.get("agree") else "[red]differ[/]"
-        out.print(f"peer {peer}: roots {verdict} (local {p.get('local_root', '')[:16]}, "
-                  f"remote {str(p.get('remote_root'))[:16]})")
+        out.print(
+            f"peer {peer}: roots {verdict} (local {p.get('local_root', '')[:16]}, "
+            f"remote {str(p.get('remote_root'))[:16]})"
+        )
 
 
 def log(
@@ -248,8 +300,10 @@ def export(
     if json_out:
         emit_json(res.to_dict())
     else:
-        out.print(f"wrote {file}: {res.contributions} contribution record(s), {res.manifests} manifest(s), "
-                  f"{res.blobs} blob(s), {_size(res.bytes)}")
+        out.print(
+            f"wrote {file}: {res.contributions} contribution record(s), {res.manifests} manifest(s), "
+            f"{res.blobs} blob(s), {_size(res.bytes)}"
+        )
 
 
 def import_(
@@ -267,8 +321,10 @@ def import_(
     else:
         j = res.join
         learnt = " (new set)" if res.learnt_set else ""
-        out.print(f"joined into [bold]{res.name}[/]{learnt}: {j.new_adds} add(s), {j.new_removes} remove(s), "
-                  f"{res.blobs_new} new blob(s)")
+        out.print(
+            f"joined into [bold]{res.name}[/]{learnt}: {j.new_adds} add(s), {j.new_removes} remove(s), "
+            f"{res.blobs_new} new blob(s)"
+        )
         out.print(f"root {j.root_after}")
 
 
@@ -286,14 +342,22 @@ def resolve(
     st = _open(store)
     mset = st.get_set(set_name)
     with progress_bar(f"resolving {mset.name} ({mset.genesis.strategy})", 1, enabled=not json_out) as update:
-        res = mset.resolve(out_dir, threads=max(1, threads), memory_limit=parse_size(memory_limit),
-                           overwrite=overwrite, use_cache=not no_cache, progress=update)
+        res = mset.resolve(
+            out_dir,
+            threads=max(1, threads),
+            memory_limit=parse_size(memory_limit),
+            overwrite=overwrite,
+            use_cache=not no_cache,
+            progress=update,
+        )
     if json_out:
         emit_json(res.to_dict())
         return
     cached = " (cached)" if res.cached else ""
-    out.print(f"resolved [bold]{mset.name}[/] at root {res.root[:16]} with {len(res.contributions)} "
-              f"contribution(s) into {res.out_dir}{cached} in {res.seconds:.1f}s")
+    out.print(
+        f"resolved [bold]{mset.name}[/] at root {res.root[:16]} with {len(res.contributions)} "
+        f"contribution(s) into {res.out_dir}{cached} in {res.seconds:.1f}s"
+    )
     table = Table()
     table.add_column("file")
     table.add_column("sha256")
@@ -313,8 +377,10 @@ def fsck(
     if json_out:
         emit_json(rep.to_dict())
     else:
-        out.print(f"checked {rep.blobs_checked} blobs, {rep.manifests_checked} manifests, "
-                  f"{rep.contributions_checked} contributions, {rep.sets_checked} sets")
+        out.print(
+            f"checked {rep.blobs_checked} blobs, {rep.manifests_checked} manifests, "
+            f"{rep.contributions_checked} contributions, {rep.sets_checked} sets"
+        )
         for e in rep.errors:
             console.print(f"[red]error[/] {e}")
         if rep.unreferenced_blobs:
@@ -343,7 +409,16 @@ def keygen(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
-    for fn, name in ((create, "create"), (add, "add"), (remove, "remove"), (status, "status"), (log, "log"),
-                     (export, "export"), (import_, "import"), (resolve, "resolve"), (fsck, "fsck"),
-                     (keygen, "keygen")):
+    for fn, name in (
+        (create, "create"),
+        (add, "add"),
+        (remove, "remove"),
+        (status, "status"),
+        (log, "log"),
+        (export, "export"),
+        (import_, "import"),
+        (resolve, "resolve"),
+        (fsck, "fsck"),
+        (keygen, "keygen"),
+    ):
         app.command(name)(fn)

@@ -227,9 +227,17 @@ class LoraAdapter:
             scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
             transposed = kind == "embedding" or (kind == "linear" and self.fan_in_fan_out)
             modules[module] = LoraModule(
-                name=module, kind=kind, rank=rank, alpha=alpha, scale=scale,
-                out_features=b.shape[0], in_features=a.shape[1], transposed=transposed,
-                a_key=a_key, b_key=b_key, dtype=a.dtype,
+                name=module,
+                kind=kind,
+                rank=rank,
+                alpha=alpha,
+                scale=scale,
+                out_features=b.shape[0],
+                in_features=a.shape[1],
+                transposed=transposed,
+                a_key=a_key,
+                b_key=b_key,
+                dtype=a.dtype,
             )
         return modules
 

@@ -77,8 +77,11 @@ class Traffic:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "requests": self.requests, "sent": self.sent, "received": self.received,
-            "blob_bytes_sent": self.blob_bytes_sent, "blob_bytes_received": self.blob_bytes_received,
+            "requests": self.requests,
+            "sent": self.sent,
+            "received": self.received,
+            "blob_bytes_sent": self.blob_bytes_sent,
+            "blob_bytes_received": self.blob_bytes_received,
             "retries": self.retries,
         }
 
@@ -150,8 +153,14 @@ class PeerClient:
         time.sleep(min(self.backoff * (2**attempt), 5.0))
 
     def request(
-        self, method: str, path: str, *, content: bytes | None = None, json: Any = None,
-        params: dict[str, Any] | None = None, ok: tuple[int, ...] = (200,),
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        ok: tuple[int, ...] = (200,),
     ) -> httpx.Response:
         """One request with bounded retries; PeerError unless the status is in ``ok``."""
         last: Exception | None = None
@@ -242,9 +251,7 @@ class PeerClient:
         return self.request("POST", "/admin/partition", json={"refuse": refuse, "seconds": seconds}).json()
 
     # -- blob transfer ---------------------------------------------------
-    def download_blob(
-        self, digest: str, part: Path, limit: int, progress: Callable[[int], None] | None = None
-    ) -> str:
+    def download_blob(self, digest: str, part: Path, limit: int, progress: Callable[[int], None] | None = None) -> str:
         """Download blob ``digest`` into ``part`` (resuming what it already holds); returns the sha256
         of the complete file, hashed on the fly (the caller compares it with ``digest``).
 
@@ -352,8 +359,11 @@ class PeerClient:
                             yield chunk
 
                     request = self._http.build_request(
-                        "PUT", f"/blobs/{digest}", params={"offset": offset, "size": size},
-                        content=body(), headers={"Content-Length": str(n)},
+                        "PUT",
+                        f"/blobs/{digest}",
+                        params={"offset": offset, "size": size},
+                        content=body(),
+                        headers={"Content-Length": str(n)},
                     )
                     self._count_request(request, n)
                     response = self._http.send(request)

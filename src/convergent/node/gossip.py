@@ -42,7 +42,10 @@ class GossipResult:
 
     def as_dict(self, with_reports: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "rounds": self.rounds, "syncs": self.syncs, "failures": self.failures, "refusals": self.refusals,
+            "rounds": self.rounds,
+            "syncs": self.syncs,
+            "failures": self.failures,
+            "refusals": self.refusals,
         }
         if with_reports:
             out["reports"] = [r.as_dict() for r in self.reports]
@@ -133,8 +136,12 @@ def gossip(
         result.rounds += 1
         if node is not None:
             node.gossip.update(
-                running=True, rounds=result.rounds, syncs=result.syncs, failures=result.failures,
-                refusals=result.refusals, last_round=time.time(),
+                running=True,
+                rounds=result.rounds,
+                syncs=result.syncs,
+                failures=result.failures,
+                refusals=result.refusals,
+                last_round=time.time(),
             )
         if rounds is not None and result.rounds >= rounds:
             break
@@ -172,8 +179,18 @@ def run_node(
 
         def loop() -> None:
             try:
-                gossip(store, None, gossip_peers, interval=interval, seed=seed, token=token, node=node, stop=stop,
-                       keep_reports=False, on_report=_log_report)
+                gossip(
+                    store,
+                    None,
+                    gossip_peers,
+                    interval=interval,
+                    seed=seed,
+                    token=token,
+                    node=node,
+                    stop=stop,
+                    keep_reports=False,
+                    on_report=_log_report,
+                )
             except Exception:  # the node keeps serving; the failure is logged
                 log.exception("gossip loop stopped")
             finally:
@@ -198,5 +215,9 @@ def _log_report(report: SyncReport) -> None:
     elif report.error and report.error != "partitioned":
         log.info("gossip: %s: %s", report.peer, report.error)
     elif report.joined_local or report.joined_remote:
-        log.info("gossip: %s: local root %s… remote root %s…", report.peer, report.local_root_after[:12],
-                 (report.remote_root_after or "")[:12])
+        log.info(
+            "gossip: %s: local root %s… remote root %s…",
+            report.peer,
+            report.local_root_after[:12],
+            (report.remote_root_after or "")[:12],
+        )

@@ -111,9 +111,17 @@ class NodeState:
         self.url = url
         self.partitions = Partitions()
         self.gossip: dict[str, Any] = {
-            "running": False, "rounds": 0, "syncs": 0, "failures": 0, "refusals": 0,
-            "changed_at_round": 0, "changed_at": None,
-            "blob_bytes_received": 0, "blob_bytes_sent": 0, "bytes_received": 0, "bytes_sent": 0,
+            "running": False,
+            "rounds": 0,
+            "syncs": 0,
+            "failures": 0,
+            "refusals": 0,
+            "changed_at_round": 0,
+            "changed_at": None,
+            "blob_bytes_received": 0,
+            "blob_bytes_sent": 0,
+            "bytes_received": 0,
+            "bytes_sent": 0,
         }
         self.started = time.time()
 
@@ -347,7 +355,7 @@ def create_app(
         try:
             data = json.loads(await body_bytes(request))
         except ValueError:
-            raise ApiError(400, "body must be JSON {\"manifests\": [...], \"blobs\": [...]}") from None
+            raise ApiError(400, 'body must be JSON {"manifests": [...], "blobs": [...]}') from None
         if not isinstance(data, dict):
             raise ApiError(400, "body must be a JSON object")
         manifests, blobs = data.get("manifests", []), data.get("blobs", [])
@@ -486,7 +494,7 @@ def create_app(
                 seconds = data.get("seconds")
                 seconds = float(seconds) if seconds is not None else None
             except (ValueError, TypeError, AttributeError):
-                raise ApiError(400, "body must be {\"refuse\": [url, ...], \"seconds\": n}") from None
+                raise ApiError(400, 'body must be {"refuse": [url, ...], "seconds": n}') from None
             node.partitions.set(peers, seconds)
             log.info("partition: refusing %s for %s s", peers, seconds)
             return {"refusing": node.partitions.active(), "rounds": node.gossip["rounds"]}

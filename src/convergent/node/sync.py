@@ -148,9 +148,7 @@ def blob_limits(store: Any, manifest_ids: list[str], extra: dict[str, Any] | Non
     return limits
 
 
-def receive_state(
-    store: Any, set_id: str, data: bytes, origin: str = "", staging: Any = None
-) -> dict[str, Any]:
+def receive_state(store: Any, set_id: str, data: bytes, origin: str = "", staging: Any = None) -> dict[str, Any]:
     """Server side of a push: check the state, then join it if every byte it needs is here.
 
     Manifests and blobs may be in the store or staged (uploaded, verified, not
@@ -274,7 +272,12 @@ def sync_set(
 
 
 def _sync(
-    store: Any, set_ref: str, client: PeerClient, token: str | None, report: SyncReport, push: bool,
+    store: Any,
+    set_ref: str,
+    client: PeerClient,
+    token: str | None,
+    report: SyncReport,
+    push: bool,
     progress: Progress | None,
 ) -> None:
     from convergent.sets.mergeset import join_state
@@ -362,7 +365,11 @@ def _pull_manifests(store: Any, client: PeerClient, remote: Any, report: SyncRep
 
 
 def _pull_blobs(
-    store: Any, client: PeerClient, remote: Any, manifests: dict[str, Any], report: SyncReport,
+    store: Any,
+    client: PeerClient,
+    remote: Any,
+    manifests: dict[str, Any],
+    report: SyncReport,
     progress: Progress | None,
 ) -> None:
     """Check the state can be joined, then fetch every blob it lacks into partial files, verify

@@ -10,9 +10,19 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AddTag": "model", "Contribution": "model", "Genesis": "model", "Manifest": "model", "SetState": "model",
-    "TensorEntry": "model", "JoinResult": "mergeset", "MergeSet": "mergeset", "ResolveResult": "mergeset",
-    "ORSet": "orset", "merkle_root": "merkle", "export_bundle": "bundle", "import_bundle": "bundle",
+    "AddTag": "model",
+    "Contribution": "model",
+    "Genesis": "model",
+    "Manifest": "model",
+    "SetState": "model",
+    "TensorEntry": "model",
+    "JoinResult": "mergeset",
+    "MergeSet": "mergeset",
+    "ResolveResult": "mergeset",
+    "ORSet": "orset",
+    "merkle_root": "merkle",
+    "export_bundle": "bundle",
+    "import_bundle": "bundle",
     "StoredCheckpoint": "source",
 }
 

@@ -55,9 +55,16 @@ class ExportResult:
     contributions: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "set_id": self.set_id, "root": self.root, "since": self.since,
-                "manifests": self.manifests, "blobs": self.blobs, "bytes": self.bytes,
-                "contributions": self.contributions}
+        return {
+            "path": str(self.path),
+            "set_id": self.set_id,
+            "root": self.root,
+            "since": self.since,
+            "manifests": self.manifests,
+            "blobs": self.blobs,
+            "bytes": self.bytes,
+            "contributions": self.contributions,
+        }
 
 
 @dataclass
@@ -72,8 +79,15 @@ class ImportResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"set_id": self.set_id, "name": self.name, **self.join.to_dict(), "manifests": self.manifests,
-                "blobs_new": self.blobs_new, "blobs_present": self.blobs_present, "learnt_set": self.learnt_set}
+        return {
+            "set_id": self.set_id,
+            "name": self.name,
+            **self.join.to_dict(),
+            "manifests": self.manifests,
+            "blobs_new": self.blobs_new,
+            "blobs_present": self.blobs_present,
+            "learnt_set": self.learnt_set,
+        }
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
@@ -108,10 +122,17 @@ def export_bundle(mset: MergeSet, path: str | Path, since: str | None = None) ->
     lacking = store.blobs.missing(blobs)
     if lacking:
         raise StoreError(f"{len(lacking)} blob(s) of set '{mset.name}' are missing here", "run 'convergent fsck'")
-    header = canonical_json({
-        "format": FORMAT, "set_id": mset.id, "since": since, "root": root,
-        "state": json.loads(state.to_json()), "manifests": sorted(manifests), "blobs": sorted(blobs),
-    })
+    header = canonical_json(
+        {
+            "format": FORMAT,
+            "set_id": mset.id,
+            "since": since,
+            "root": root,
+            "state": json.loads(state.to_json()),
+            "manifests": sorted(manifests),
+            "blobs": sorted(blobs),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
@@ -133,8 +154,7 @@ def export_bundle(mset: MergeSet, path: str | Path, since: str | None = None) ->
         tmp.unlink(missing_ok=True)
         raise
     contributions = len(state.contributions)
-    return ExportResult(path, mset.id, root, since, len(manifests), len(blobs), path.stat().st_size,
-                        contributions)
+    return ExportResult(path, mset.id, root, since, len(manifests), len(blobs), path.stat().st_size, contributions)
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, limit: int) -> bytes:
@@ -220,8 +240,9 @@ def import_bundle(store: Store, path: str | Path) -> ImportResult:
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-    return ImportResult(state.set_id, state.genesis.name, result, len(manifests), len(want_blobs) - len(present),
-                        len(present), learnt)
+    return ImportResult(
+        state.set_id, state.genesis.name, result, len(manifests), len(want_blobs) - len(present), len(present), learnt
+    )
 
 
 def _members(tar: tarfile.TarFile, path: Path):
@@ -272,8 +293,10 @@ def _stage_blob(store: Store, tar: tarfile.TarFile, member: tarfile.TarInfo, dig
             if out is not None:
                 out.write(chunk)
         if got != member.size or h.hexdigest() != digest:
-            raise IntegrityError(f"blob {digest[:12]}… in the bundle does not match its hash",
-                                 "the bundle is corrupt; nothing was imported")
+            raise IntegrityError(
+                f"blob {digest[:12]}… in the bundle does not match its hash",
+                "the bundle is corrupt; nothing was imported",
+            )
         try:
             dtype_shape = parse_header(io.BytesIO(head))
         except IntegrityError as exc:

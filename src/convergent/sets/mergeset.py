@@ -68,8 +68,11 @@ class JoinResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "new_contributions": self.new_contributions, "new_adds": self.new_adds,
-            "new_removes": self.new_removes, "root_before": self.root_before, "root_after": self.root_after,
+            "new_contributions": self.new_contributions,
+            "new_adds": self.new_adds,
+            "new_removes": self.new_removes,
+            "root_before": self.root_before,
+            "root_after": self.root_after,
         }
 
 
@@ -91,8 +94,13 @@ class ResolveResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out_dir": str(self.out_dir), "set_id": self.set_id, "root": self.root, "files": self.files,
-            "contributions": self.contributions, "cached": self.cached, "seconds": round(self.seconds, 3),
+            "out_dir": str(self.out_dir),
+            "set_id": self.set_id,
+            "root": self.root,
+            "files": self.files,
+            "contributions": self.contributions,
+            "cached": self.cached,
+            "seconds": round(self.seconds, 3),
             "digest": self.digest,
         }
 
@@ -179,9 +187,7 @@ class MergeSet:
                 "SELECT contribution_id, tag FROM tombstones WHERE set_id=? AND seq>?", (self.id, seq)
             ).fetchall()
             needed = sorted({a[0] for a in adds})
-            bodies = [
-                c.execute("SELECT body FROM contributions WHERE id=?", (cid,)).fetchone() for cid in needed
-            ]
+            bodies = [c.execute("SELECT body FROM contributions WHERE id=?", (cid,)).fetchone() for cid in needed]
         return _state(self.id, self.genesis, bodies, adds, removes)
 
     def _seq_of_root(self, root: str) -> int:
@@ -211,9 +217,12 @@ class MergeSet:
         manifests first, then call again for their blobs.
         """
         with self.store.db.lock:
-            known = {r[0] for r in self.store.db.conn.execute(
-                "SELECT id FROM contributions WHERE set_id=?", (self.id,)
-            ).fetchall()}
+            known = {
+                r[0]
+                for r in self.store.db.conn.execute(
+                    "SELECT id FROM contributions WHERE set_id=?", (self.id,)
+                ).fetchall()
+            }
         wanted = {state.genesis.base} | {c.manifest for c in state.contributions if c.id not in known}
         manifests: list[str] = []
         blobs: set[str] = set()
@@ -266,7 +275,12 @@ class MergeSet:
             close_opened(checkpoint, source)
         try:
             contrib = Contribution(
-                set=self.id, manifest=manifest.id, weight=weight, params=params, meta=dict(meta or {}), signer=signer,
+                set=self.id,
+                manifest=manifest.id,
+                weight=weight,
+                params=params,
+                meta=dict(meta or {}),
+                signer=signer,
             )
         except ValidationError as exc:
             raise RecipeError(f"invalid contribution: {exc.errors()[0]['msg']}") from None
@@ -292,12 +306,15 @@ class MergeSet:
         """OR-Set remove: tombstone every add-tag of it seen here; returns how many tags were tombstoned."""
         cid = self._resolve_id(contribution_id)
         with self.store.db.write() as c:
-            tags = [r[0] for r in c.execute(
-                "SELECT t.tag FROM tags t LEFT JOIN tombstones r ON r.set_id=t.set_id AND "
-                "r.contribution_id=t.contribution_id AND r.tag=t.tag "
-                "WHERE t.set_id=? AND t.contribution_id=? AND r.tag IS NULL ORDER BY t.tag",
-                (self.id, cid),
-            ).fetchall()]
+            tags = [
+                r[0]
+                for r in c.execute(
+                    "SELECT t.tag FROM tags t LEFT JOIN tombstones r ON r.set_id=t.set_id AND "
+                    "r.contribution_id=t.contribution_id AND r.tag=t.tag "
+                    "WHERE t.set_id=? AND t.contribution_id=? AND r.tag IS NULL ORDER BY t.tag",
+                    (self.id, cid),
+                ).fetchall()
+            ]
             if not tags:
                 raise StoreError(f"contribution {cid[:12]}… is not live in set '{self.name}' (already removed)")
             seq = _log(c, self.id, "remove", {"contribution": cid, "tags": tags})
@@ -338,16 +355,28 @@ class MergeSet:
         """
         from convergent.sets.resolve import resolve_set
 
-        return resolve_set(self, Path(out_dir), threads=threads, memory_limit=memory_limit, overwrite=overwrite,
-                           use_cache=use_cache, progress=progress, chunk_rows=chunk_rows)
+        return resolve_set(
+            self,
+            Path(out_dir),
+            threads=threads,
+            memory_limit=memory_limit,
+            overwrite=overwrite,
+            use_cache=use_cache,
+            progress=progress,
+            chunk_rows=chunk_rows,
+        )
 
     # -- helpers ---------------------------------------------------------
     def _resolve_id(self, contribution_id: str) -> str:
         key = str(contribution_id).strip().lower()
         with self.store.db.lock:
-            rows = self.store.db.conn.execute(
-                "SELECT id FROM contributions WHERE set_id=? AND substr(id, 1, ?) = ?", (self.id, len(key), key)
-            ).fetchall() if len(key) >= 4 else []
+            rows = (
+                self.store.db.conn.execute(
+                    "SELECT id FROM contributions WHERE set_id=? AND substr(id, 1, ?) = ?", (self.id, len(key), key)
+                ).fetchall()
+                if len(key) >= 4
+                else []
+            )
         if not rows:
             raise StoreError(
                 f"no contribution '{contribution_id}' in set '{self.name}'", "'convergent status SET' lists them"
@@ -411,8 +440,10 @@ def check_fits(base: Manifest, shapes: Mapping[str, Iterable[int]], label: str) 
             + ", ".join(f"{n} {list(got[n])} vs base {list(want[n])}" for n in wrong[:_SHOW])
             + (" …" if len(wrong) > _SHOW else "")
         )
-    raise MergeInputError(f"{label} does not fit the set's base: " + "; ".join(parts),
-                          "contributions must have the base model's tensor names and shapes")
+    raise MergeInputError(
+        f"{label} does not fit the set's base: " + "; ".join(parts),
+        "contributions must have the base model's tensor names and shapes",
+    )
 
 
 def _names(names: list[str]) -> str:
@@ -447,7 +478,10 @@ def _update_root(c: sqlite3.Connection, set_id: str, seq: int) -> str:
 
 
 def validate_state(
-    store: Store, state: SetState, manifests: Mapping[str, Manifest] | None = None, blobs_present: Iterable[str] = (),
+    store: Store,
+    state: SetState,
+    manifests: Mapping[str, Manifest] | None = None,
+    blobs_present: Iterable[str] = (),
 ) -> list[Contribution]:
     """Check a received state against the store (plus ``manifests``/``blobs_present`` about to be added).
 
@@ -467,9 +501,10 @@ def validate_state(
     except RecipeError as exc:
         raise IntegrityError(f"set genesis: {exc.message}", "nothing was kept") from None
     with store.db.lock:
-        known = {r[0] for r in store.db.conn.execute(
-            "SELECT id FROM contributions WHERE set_id=?", (state.set_id,)
-        ).fetchall()}
+        known = {
+            r[0]
+            for r in store.db.conn.execute("SELECT id FROM contributions WHERE set_id=?", (state.set_id,)).fetchall()
+        }
 
     def manifest(mid: str, who: str) -> Manifest:
         m = manifests.get(mid)
@@ -487,8 +522,9 @@ def validate_state(
             return
         lacking = [d for d in m.blobs() if d not in extra_blobs and not store.blobs.has(d)]
         if lacking:
-            raise StoreError(f"{who}: {len(lacking)} blob(s) of its manifest are not in the store",
-                             "fetch them before joining")
+            raise StoreError(
+                f"{who}: {len(lacking)} blob(s) of its manifest are not in the store", "fetch them before joining"
+            )
         checked.add(m.id)
 
     base = manifest(genesis.base, "base")
@@ -523,8 +559,12 @@ def validate_state(
 
 
 def join_state(
-    store: Store, state: SetState, manifests: Mapping[str, Manifest] | None = None, origin: str = "",
-    learn: bool = False, blobs_present: Iterable[str] = (),
+    store: Store,
+    state: SetState,
+    manifests: Mapping[str, Manifest] | None = None,
+    origin: str = "",
+    learn: bool = False,
+    blobs_present: Iterable[str] = (),
 ) -> JoinResult:
     """Validate, then in one transaction: (learn the set,) add ``manifests``, contributions, tags, tombstones."""
     sid = state.set_id
@@ -560,8 +600,12 @@ def join_state(
             root_after = _update_root(c, sid, seq)
             c.execute(
                 "UPDATE log SET detail=? WHERE seq=?",
-                (canonical_json({"origin": origin, "new_contributions": n_contrib, "new_adds": n_adds,
-                                 "new_removes": n_removes}).decode(), seq),
+                (
+                    canonical_json(
+                        {"origin": origin, "new_contributions": n_contrib, "new_adds": n_adds, "new_removes": n_removes}
+                    ).decode(),
+                    seq,
+                ),
             )
         else:
             c.execute("DELETE FROM log WHERE seq=?", (seq,))

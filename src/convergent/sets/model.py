@@ -26,8 +26,18 @@ from convergent.sets.canonical import HEX64, canonical_json, content_id, sha256_
 
 #: Tensor dtypes a blob may hold (torch names without the ``torch.`` prefix).
 DTYPES = (
-    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
-    "int64", "int32", "int16", "int8", "uint8", "bool",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
 )  # keep in sync with convergent.store.blobs.ITEMSIZE
 #: Output dtypes a genesis may ask for.
 OUT_DTYPES = ("float32", "float16", "bfloat16")

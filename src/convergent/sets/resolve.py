@@ -38,8 +38,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def build_job(mset: MergeSet, out_dir: Path, threads: int = 2, memory_limit: int | None = None,
-              overwrite: bool = False, chunk_rows: int | None = None, files_dir: Path | None = None) -> Any:
+def build_job(
+    mset: MergeSet,
+    out_dir: Path,
+    threads: int = 2,
+    memory_limit: int | None = None,
+    overwrite: bool = False,
+    chunk_rows: int | None = None,
+    files_dir: Path | None = None,
+) -> Any:
     """The MergeJob of the set's current live contributions (see module docstring)."""
     import torch
 
@@ -60,7 +67,8 @@ def build_job(mset: MergeSet, out_dir: Path, threads: int = 2, memory_limit: int
     if len(contribs) < strat.min_models:
         raise RecipeError(
             f"merge method '{strat.name}' needs at least {strat.min_models} contributions; "
-            f"set '{mset.name}' has {len(contribs)} live", "add more contributions"
+            f"set '{mset.name}' has {len(contribs)} live",
+            "add more contributions",
         )
     base_manifest = mset.store.get_manifest(mset.genesis.base)
     base = StoredCheckpoint(mset.store.blobs, base_manifest, label=f"base {base_manifest.id[:12]}")
@@ -86,8 +94,14 @@ def build_job(mset: MergeSet, out_dir: Path, threads: int = 2, memory_limit: int
         "dtype": mset.genesis.dtype,
         "base": mset.genesis.base,
         "contributions": [
-            {"id": cid, "manifest": c.manifest, "weight": c.weight, "params": c.params, "meta": c.meta,
-             "signer": c.signer}
+            {
+                "id": cid,
+                "manifest": c.manifest,
+                "weight": c.weight,
+                "params": c.params,
+                "meta": c.meta,
+                "signer": c.signer,
+            }
             for cid, c in zip(ids, contribs)
         ],
         "versions": versions(),

@@ -67,9 +67,13 @@ class FsckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "ok": self.ok, "blobs_checked": self.blobs_checked, "manifests_checked": self.manifests_checked,
-            "contributions_checked": self.contributions_checked, "sets_checked": self.sets_checked,
-            "errors": self.errors, "unreferenced_blobs": self.unreferenced_blobs,
+            "ok": self.ok,
+            "blobs_checked": self.blobs_checked,
+            "manifests_checked": self.manifests_checked,
+            "contributions_checked": self.contributions_checked,
+            "sets_checked": self.sets_checked,
+            "errors": self.errors,
+            "unreferenced_blobs": self.unreferenced_blobs,
         }
 
 
@@ -339,8 +343,13 @@ class Store:
             close_opened(base, src)
         try:
             genesis = Genesis(
-                name=name, strategy=strategy, params=dict(params or {}), base=manifest.id, dtype=dtype,
-                require_signed=require_signed, allowed_keys=tuple(keys),
+                name=name,
+                strategy=strategy,
+                params=dict(params or {}),
+                base=manifest.id,
+                dtype=dtype,
+                require_signed=require_signed,
+                allowed_keys=tuple(keys),
             )
         except ValidationError as exc:
             raise RecipeError(f"invalid set definition: {_first_error(exc)}") from None

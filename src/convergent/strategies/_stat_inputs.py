@@ -21,8 +21,7 @@ from convergent.errors import MergeInputError
 from convergent.strategies.api import TensorTask
 
 _HINT = (
-    "compute the statistics on each contribution's own checkpoint ('convergent stats') "
-    "and attach them ('add --stats')"
+    "compute the statistics on each contribution's own checkpoint ('convergent stats') and attach them ('add --stats')"
 )
 
 
