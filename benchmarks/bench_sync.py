@@ -141,6 +141,23 @@ def lacking(giver: Store, taker: Store, set_name: str) -> set[str]:
 
 
 # -- 1. bytes per sync ----------------------------------------------------------
+def _traffic_row(label: str, direction: str, need, need_bytes: int, traffic: dict, blob_key: str) -> dict:
+    """One scenario's wire bytes against the bytes the receiver lacked (``blob_key``: blob bytes that crossed)."""
+    sent, received = traffic["sent"], traffic["received"]
+    return {
+        "scenario": label,
+        "direction": direction,
+        "lacked_blobs": len(need),
+        "lacked_bytes": need_bytes,
+        "wire_sent": sent,
+        "wire_received": received,
+        "wire_total": sent + received,
+        "ratio_total": round((sent + received) / max(need_bytes, 1), 4),
+        "metadata_bytes": sent + received - traffic[blob_key],
+        "requests": traffic["requests"],
+    }
+
+
 def bench_bytes(work: Path, nodes: Nodes, size_mb: float) -> list[dict[str, Any]]:
     results = []
     per = size_mb / 4
@@ -171,20 +188,7 @@ def bench_bytes(work: Path, nodes: Nodes, size_mb: float) -> list[dict[str, Any]
         need_bytes = blob_bytes(a, need)
         push = sync_set(a, "bytes", url, TOKEN)
         assert push.ok and push.in_sync, push
-        results.append(
-            {
-                "scenario": label,
-                "direction": "push",
-                "lacked_blobs": len(need),
-                "lacked_bytes": need_bytes,
-                "wire_sent": push.traffic["sent"],
-                "wire_received": push.traffic["received"],
-                "wire_total": push.traffic["sent"] + push.traffic["received"],
-                "ratio_total": round((push.traffic["sent"] + push.traffic["received"]) / max(need_bytes, 1), 4),
-                "metadata_bytes": push.traffic["sent"] + push.traffic["received"] - push.traffic["blob_bytes_sent"],
-                "requests": push.traffic["requests"],
-            }
-        )
+        results.append(_traffic_row(label, "push", need, need_bytes, push.traffic, "blob_bytes_sent"))
         # Reverse: a fresh store C pulls the same set from B (which now holds everything).
         c_dir = work / "bytes" / f"c{k}"
         shutil.rmtree(c_dir, ignore_errors=True)
@@ -196,20 +200,7 @@ def bench_bytes(work: Path, nodes: Nodes, size_mb: float) -> list[dict[str, Any]
         need_bytes = blob_bytes(b, need)
         pull = sync_set(c, "bytes", url, None)
         assert pull.ok, pull
-        results.append(
-            {
-                "scenario": label,
-                "direction": "pull",
-                "lacked_blobs": len(need),
-                "lacked_bytes": need_bytes,
-                "wire_sent": pull.traffic["sent"],
-                "wire_received": pull.traffic["received"],
-                "wire_total": pull.traffic["sent"] + pull.traffic["received"],
-                "ratio_total": round((pull.traffic["sent"] + pull.traffic["received"]) / max(need_bytes, 1), 4),
-                "metadata_bytes": pull.traffic["sent"] + pull.traffic["received"] - pull.traffic["blob_bytes_received"],
-                "requests": pull.traffic["requests"],
-            }
-        )
+        results.append(_traffic_row(label, "pull", need, need_bytes, pull.traffic, "blob_bytes_received"))
         for s in (a, b, c):
             s.close()
         nodes.stop()
