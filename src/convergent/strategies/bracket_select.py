@@ -108,16 +108,16 @@ def kth_largest_bracketed(
     if numel < MIN_NUMEL:
         return {i: [None] * len(ks) for i, ks in wanted.items()}
     samples: dict[int, list[np.ndarray]] = {i: [] for i in wanted}
-    fused = kernels.loaded()
+    sampler = kernels.loaded()
     for start, stop in _sample_runs(blocks.shape):
         task = blocks.rows(start, stop)
         piece = streams(task)
         size = (stop - start) * determinism.row_numel(blocks.shape)
         raw = getattr(piece, "raw", None)
-        arrays = raw(0, size) if raw is not None and fused is not None else None
+        arrays = raw(0, size) if raw is not None and sampler is not None else None
         if arrays is not None:  # the same float32 values as the stream, in one call for every stream
             rows = np.empty((len(wanted), size), dtype=np.float32)
-            fused.magnitudes(*arrays, np.fromiter(wanted, dtype=np.int64), rows)
+            sampler.magnitudes(*arrays, np.fromiter(wanted, dtype=np.int64), rows)
             for row, i in zip(rows, wanted):
                 samples[i].append(row)
             continue
