@@ -484,18 +484,19 @@ class _Executor:
         key = self._key(plan)
 
         loaded: list[tuple[int, int]] = []  # the rows mapped last: streaming keeps one chunk resident
-        # rows [0, probed[0]) have had their NaN/Inf probe: a strategy's prepare pass reads the
+        # rows [0, probed) have had their NaN/Inf probe: a strategy's prepare pass reads the
         # tensor in order, and the apply pass then need not probe the same rows again
-        probed = [0]
+        probed = 0
 
         def load(start: int, stop: int):
+            nonlocal probed
             rows = (start, stop)
             if loaded:
                 self._release(plan, loaded.pop())
             loaded.append(rows)
-            base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs, probe=stop > probed[0])
-            if start <= probed[0]:
-                probed[0] = max(probed[0], stop)
+            base, models = self._read_inputs(plan, rows, raw=strat.raw_inputs, probe=stop > probed)
+            if start <= probed:
+                probed = max(probed, stop)
             return make_task(
                 strat,
                 plan.name,

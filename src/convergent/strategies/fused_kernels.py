@@ -134,17 +134,20 @@ def _collect_range(values, count, past_low, span, dst, found):  # pragma: no cov
 
 
 @_jit
-def _vote(total, m, x, count):  # pragma: no cover - compiled
-    """Add delta row ``x[:m]``'s votes to ``total[:m]``: the deltas (``count``: their signs)."""
+def _ballot(x, count):  # pragma: no cover - compiled
+    """One delta's vote in the sign election: the delta itself, or (``count``) its sign."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     if count:
-        for j in range(m):
-            v = x[j]
-            total[j] = total[j] + (one if v > zero else (-one if v < zero else zero))
-    else:
-        for j in range(m):
-            total[j] = total[j] + x[j]
+        return one if x > zero else (-one if x < zero else zero)
+    return x
+
+
+@_jit
+def _vote(total, m, x, count):  # pragma: no cover - compiled
+    """Add delta row ``x[:m]``'s votes to ``total[:m]``."""
+    for j in range(m):
+        total[j] = total[j] + _ballot(x[j], count)
 
 
 @_jit
@@ -335,19 +338,12 @@ def ties_merge(
                 for j in range(m):
                     d[j] = d[j] * scale * w
                 _vote(total, m, d, count)
-            elif count:
-                one = np.float32(1.0)
+            else:  # no tie rule here: task vector, cut, scale and vote in one loop
                 for j in range(m):
                     x = _to_f32(src[j]) - base_f[j]
                     x = (zero if abs(x) < cut else x) * scale * w
                     d[j] = x
-                    total[j] = total[j] + (one if x > zero else (-one if x < zero else zero))
-            else:
-                for j in range(m):
-                    x = _to_f32(src[j]) - base_f[j]
-                    x = (zero if abs(x) < cut else x) * scale * w
-                    d[j] = x
-                    total[j] = total[j] + x
+                    total[j] = total[j] + _ballot(x, count)
         _average_agreeing(deltas, 0, m, base_f, weights, normalize, lam, out[start : start + m], total, acc, div)
     return out
 
