@@ -1,4 +1,8 @@
-"""Preallocation and background writeback in the writer never change the bytes, and never lose an error."""
+"""Preallocation and background writeback in the writer never change the bytes, and never lose an error.
+
+The background fdatasync serves buffered shards; the tests that watch it turn
+direct writes off (``buffered``), since direct shards have nothing to flush.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from convergent import durable
 from convergent.checkpoint import AtomicOutput, ShardedWriter, TensorInfo, open_checkpoint
 from convergent.checkpoint import writer as writer_module
+from convergent.checkpoint.direct_io import open_direct
 from convergent.errors import OutputError
 
 SHAPES = {f"t{i:02d}": (37 + 11 * i, 24) for i in range(12)}  # 3-13 KB each
@@ -43,12 +48,25 @@ def write_all(writer: ShardedWriter, ts: dict[str, torch.Tensor], seed: int = 0)
             f.result()
 
 
+def direct_io_supported(folder: Path) -> bool:
+    fd = open_direct(folder / ".probe")
+    if fd is not None:
+        os.close(fd)
+    (folder / ".probe").unlink(missing_ok=True)
+    return fd is not None
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 @pytest.fixture
-def flushing(monkeypatch):
+def buffered(monkeypatch):
+    monkeypatch.setattr(writer_module, "DIRECT_IO", False)
+
+
+@pytest.fixture
+def flushing(monkeypatch, buffered):
     monkeypatch.setattr(durable, "DURABLE", True)
     monkeypatch.setattr(writer_module, "FLUSH_BYTES", 4096)
 
@@ -56,24 +74,27 @@ def flushing(monkeypatch):
 def test_flushed_output_is_byte_identical_and_exactly_sized(tmp_path, monkeypatch, flushing):
     ts = tensors()
     written = {}
-    for durable_, seed in ((True, 1), (False, 2)):
+    runs = (("flushed", True, False, 1), ("plain", False, False, 2), ("direct", True, True, 3))
+    for label, durable_, direct, seed in runs:
         monkeypatch.setattr(durable, "DURABLE", durable_)
-        folder = tmp_path / str(durable_)
+        monkeypatch.setattr(writer_module, "DIRECT_IO", direct)
+        folder = tmp_path / label
         folder.mkdir()
         writer = ShardedWriter(folder, plan(ts), max_shard_size=SHARD)
         assert (writer._flusher is not None) is durable_
+        assert bool(writer._direct) is (direct and direct_io_supported(tmp_path))
         write_all(writer, ts, seed)
         writer.close()
-        written[durable_] = files(folder)
+        written[label] = files(folder)
     sizes: dict[str, int] = {}
     for place in writer.placements.values():
         sizes[place.file] = sizes.get(place.file, 0) + place.info.nbytes
-    assert written[True] == written[False] and len(written[True]) > 2  # shards + index
-    ckpt = open_checkpoint(tmp_path / "True")
+    assert written["flushed"] == written["plain"] == written["direct"] and len(written["flushed"]) > 2
+    ckpt = open_checkpoint(tmp_path / "direct")
     for name, t in ts.items():
         assert torch.equal(ckpt.read(name), t)
     for name, size in sizes.items():  # header + data, nothing more
-        data = written[True][name]
+        data = written["direct"][name]
         assert len(data) == 8 + int.from_bytes(data[:8], "little") + size
 
 
@@ -108,7 +129,7 @@ def test_flusher_runs_only_on_open_files_and_stops_at_close(tmp_path, monkeypatc
     assert len(calls) == count and writer._flusher._thread is not None
 
 
-def test_flusher_is_not_started_without_enough_bytes(tmp_path, monkeypatch):
+def test_flusher_is_not_started_without_enough_bytes(tmp_path, monkeypatch, buffered):
     monkeypatch.setattr(durable, "DURABLE", True)
     ts = tensors()
     writer = ShardedWriter(tmp_path, plan(ts), max_shard_size=SHARD)
@@ -136,7 +157,9 @@ def test_fdatasync_failure_surfaces_from_write_and_close(tmp_path, monkeypatch, 
     assert writer._fds == {}
 
 
-def test_unsupported_fallocate_falls_back_to_a_sparse_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("direct", [False, True])
+def test_unsupported_fallocate_falls_back_to_a_sparse_file(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(writer_module, "DIRECT_IO", direct)
     ts = tensors()
     (tmp_path / "ok").mkdir()
     writer = ShardedWriter(tmp_path / "ok", plan(ts), SHARD)

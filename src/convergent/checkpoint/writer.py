@@ -8,9 +8,13 @@ bytes do not depend on scheduling. The ``safetensors`` library cannot do this
 (it serialises whole in-memory dicts), hence this small writer; its output is
 read back with ``safetensors`` in the tests.
 
-Each file's space is reserved up front (so a full disk fails before any work),
-and a background thread fdatasyncs files as they fill, so the disk writes
-overlap the computation and the fsync at commit has little left to do.
+Each file's space is reserved up front (so a full disk fails before any work).
+Where the filesystem allows, shards are written with ``O_DIRECT`` (see
+:mod:`convergent.checkpoint.direct_io`): the bytes go to the disk as they are
+computed and never pass through the page cache. Elsewhere the writes are
+buffered and a background thread fdatasyncs files as they fill, so the disk
+writes still overlap the computation and the fsync at commit has little left
+to do. ``CONVERGENT_DIRECT_IO=0`` forces the buffered path.
 
 Everything goes into a temporary folder beside the destination, which is
 renamed into place only when complete (see :class:`AtomicOutput`).
@@ -31,6 +35,7 @@ from pathlib import Path
 import torch
 
 from convergent import durable
+from convergent.checkpoint.direct_io import BlockAlignedFile, WriteQueue, open_direct
 from convergent.checkpoint.safetensors_file import DTYPE_NAMES
 from convergent.checkpoint.source import TensorInfo
 from convergent.determinism import row_numel
@@ -39,6 +44,8 @@ from convergent.errors import OutputError
 
 #: Bytes written to one file between background fdatasync requests for it.
 FLUSH_BYTES = 256 << 20
+#: Write shards with O_DIRECT where the filesystem supports it.
+DIRECT_IO = os.environ.get("CONVERGENT_DIRECT_IO") != "0"
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,8 @@ class ShardedWriter:
         self.placements: dict[str, Placement] = {}
         self.file_names: list[str] = []
         self._fds: dict[str, int] = {}
+        self._direct: dict[str, BlockAlignedFile] = {}
+        self._queue: WriteQueue | None = None  # writes for every direct file, made with the first
         self.folder = folder
         self._flusher = _Flusher(folder) if durable.DURABLE else None
         self._unflushed: dict[str, int] = {}
@@ -165,11 +174,20 @@ class ShardedWriter:
         try:
             for i, (group, (head, offsets)) in enumerate(zip(groups, headers), start=1):
                 fname = f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i:05d}-of-{count:05d}.safetensors"
-                fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                size = len(head) + sum(info.nbytes for _, info in group)
+                fd = open_direct(folder / fname) if DIRECT_IO else None
+                if fd is None:
+                    fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                else:
+                    self._queue = self._queue or WriteQueue()
+                    self._direct[fname] = BlockAlignedFile(fd, size, queue=self._queue, label=str(folder / fname))
                 self._fds[fname] = fd
                 self._unflushed[fname] = 0
-                os.pwrite(fd, head, 0)
-                self._reserve(fd, len(head) + sum(info.nbytes for _, info in group), need)
+                self._reserve(fd, size, need)
+                if fname in self._direct:
+                    self._direct[fname].write(0, head)
+                else:
+                    os.pwrite(fd, head, 0)
                 for name, info in group:
                     self.placements[name] = Placement(fname, len(head) + offsets[name], info)
                     weight_map[name] = fname
@@ -190,8 +208,14 @@ class ShardedWriter:
             raise TypeError(f"{name}: writing {tensor.dtype}, planned {place.info.dtype}")
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         offset = place.offset + row_start * row_numel(place.info.shape) * place.info.dtype.itemsize
-        view = memoryview(data)
-        fd = self._fds[place.file]
+        self._write_at(place.file, offset, memoryview(data))
+
+    def _write_at(self, fname: str, offset: int, view: memoryview) -> None:
+        direct = self._direct.get(fname)
+        if direct is not None:  # written by the queue's threads, nothing left for the flusher
+            direct.write(offset, view)
+            return
+        fd = self._fds[fname]
         flusher = self._flusher
         if flusher is not None and flusher.error is not None:
             raise flusher.error
@@ -200,10 +224,10 @@ class ShardedWriter:
             done += os.pwrite(fd, view[done:], offset + done)
         if flusher is not None:
             with self._lock:
-                pending = self._unflushed[place.file] + done
-                self._unflushed[place.file] = 0 if pending >= FLUSH_BYTES else pending
+                pending = self._unflushed[fname] + done
+                self._unflushed[fname] = 0 if pending >= FLUSH_BYTES else pending
             if pending >= FLUSH_BYTES:
-                flusher.request(fd, place.file)
+                flusher.request(fd, fname)
 
     def _reserve(self, fd: int, size: int, need: int) -> None:
         try:
@@ -222,14 +246,25 @@ class ShardedWriter:
     def close(self) -> None:
         """Close the shards; :meth:`AtomicOutput.commit` makes them durable with the rest of the folder.
 
-        The flusher is stopped first, so no fdatasync can run on a closed (or
-        reused) fd; a failure it hit is raised here once the fds are closed.
+        The flusher is stopped and the direct writes drained first, so nothing
+        runs on a closed (or reused) fd; a failure they hit is raised here, once
+        the fds are closed.
         """
         if self._flusher is not None:
             self._flusher.stop()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        try:
+            if self._queue is not None:
+                try:
+                    self._queue.finish()
+                finally:
+                    self._queue.close()
+            for direct in self._direct.values():
+                direct.close()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds = {}
+            self._direct = {}
         if self._flusher is not None and self._flusher.error is not None:
             raise self._flusher.error
 
