@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from convergent.cli.app import app
+from convergent.errors import OutputError
 
 runner = CliRunner()
 
@@ -230,6 +231,36 @@ def test_failed_merge_leaves_previous_output_in_place(tmp_path, llama_family):
     assert_failed(result, "NaN or Inf")
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
     assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_disk_error_mid_merge_is_one_line_and_leaves_nothing(tmp_path, llama_family, monkeypatch, direct):
+    """The disk fails on the 4th output write: direct, on a writer thread; buffered, in a merge thread."""
+    import os
+
+    from convergent.checkpoint import direct_io
+    from convergent.checkpoint import writer as writer_module
+
+    _, tuned = llama_family
+    monkeypatch.setattr(writer_module, "DIRECT_IO", direct)
+    small = 64 << 10  # staging runs this small make several writes even for a tiny model
+    monkeypatch.setattr(direct_io.WriteQueue.__init__, "__defaults__", (4, small, direct_io.ALIGN, 2))
+    monkeypatch.setattr(direct_io.BlockAlignedFile.__init__, "__defaults__", (direct_io.ALIGN, small, None, "-"))
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 4:
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    result = run_merge(tmp_path, linear(tuned[0], tuned[2]), "--threads", "2")
+    assert_failed(result, "No space left on device")
+    assert isinstance(result.exception, OutputError), "one clear error (the CLI prints it as one line)"
+    assert "model.safetensors" in str(result.exception)
+    assert len(calls) >= 4
+    assert no_partial_outputs(tmp_path)
 
 
 def test_pickle_files_are_never_unpickled(tmp_path):

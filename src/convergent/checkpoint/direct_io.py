@@ -77,7 +77,8 @@ def open_direct(path: os.PathLike | str, mode: int = 0o644) -> int | None:
     return fd
 
 
-def _write_error(label: str, exc: OSError) -> OutputError:
+def write_error(label: str, exc: OSError) -> OutputError:
+    """The error a failed output write becomes: the file and the system's reason, and what to check."""
     err = OutputError(f"could not write {label}: {exc.strerror or exc}", "check the disk and the output folder")
     err.__cause__ = exc
     return err
@@ -229,7 +230,7 @@ class WriteQueue:
                 try:
                     _pwrite_all(fd, buf[lo:hi], offset)
                 except OSError as exc:
-                    error = _write_error(label, exc)
+                    error = write_error(label, exc)
             with self._cond:
                 self._in_flight -= 1
                 if recycle:
@@ -352,4 +353,4 @@ class BlockAlignedFile:
         try:
             _pwrite_all(self.fd, buf, offset)
         except OSError as exc:
-            raise _write_error(self.label, exc) from exc
+            raise write_error(self.label, exc) from exc

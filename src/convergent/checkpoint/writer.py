@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from convergent import durable
-from convergent.checkpoint.direct_io import BlockAlignedFile, WriteQueue, open_direct
+from convergent.checkpoint.direct_io import BlockAlignedFile, WriteQueue, open_direct, write_error
 from convergent.checkpoint.safetensors_file import DTYPE_NAMES
 from convergent.checkpoint.source import TensorInfo
 from convergent.determinism import row_numel
@@ -128,9 +128,7 @@ class _Flusher:
                 os.fdatasync(fd)
             except Exception as exc:
                 if isinstance(exc, OSError):
-                    err = OutputError(f"could not write {self.folder / name}: {exc.strerror or exc}", "check the disk")
-                    err.__cause__ = exc
-                    exc = err
+                    exc = write_error(str(self.folder / name), exc)
                 with self._cond:
                     self.error = exc
                     self._pending.clear()
@@ -220,8 +218,11 @@ class ShardedWriter:
         if flusher is not None and flusher.error is not None:
             raise flusher.error
         done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
+        try:
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            raise write_error(str(self.folder / fname), exc) from exc
         if flusher is not None:
             with self._lock:
                 pending = self._unflushed[fname] + done
