@@ -109,14 +109,14 @@ class _Run:
 
 
 class WriteQueue:
-    """Write-combining runs per thread, written by one background thread from a bounded buffer pool.
+    """Write-combining runs per thread, written by background threads from a bounded buffer pool.
 
     Shared by all the files of one output, so memory is one staging buffer per
     writing thread plus ``buffers`` in flight (48 MB for two merge threads),
     whatever the number of files.
     The first write failure is kept and raised by the next call.
     :meth:`finish` (once no thread writes any more) writes what is still
-    gathered and waits for the disk; :meth:`close` ends the thread.
+    gathered and waits for the disk; :meth:`close` ends the threads.
     """
 
     def __init__(
@@ -182,7 +182,7 @@ class WriteQueue:
                 raise self._error
 
     def close(self) -> None:
-        """Finish the queued writes and end the thread (without raising: :meth:`finish` does)."""
+        """Finish the queued writes and end the threads (without raising: :meth:`finish` does)."""
         with self._cond:
             self._runs.clear()
             self._cond.wait_for(lambda: self._in_flight == 0)
@@ -254,7 +254,7 @@ def _staging(nbytes: int, align: int) -> np.ndarray:
 class BlockAlignedFile:
     """Disjoint byte ranges written to ``fd`` in any order and from any thread, in whole blocks.
 
-    With a ``queue`` the bytes are gathered and written on its thread
+    With a ``queue`` the bytes are gathered and written on its threads
     (``queue.finish()`` before :meth:`close`); without one, each call writes
     its own whole blocks in the calling thread. ``fd`` need not be direct
     (tests use a plain one with a small ``align`` to check the bookkeeping).
