@@ -103,3 +103,50 @@ def test_magnitudes_are_the_task_vector_magnitudes(dtype):
     for row, i in zip(out, [2, 1]):
         expected = (models[i].float() - base.float()).abs()
         assert torch.equal(torch.from_numpy(row).view(torch.int32), expected.view(torch.int32))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    first=st.one_of(st.integers(0, 10_000), st.integers(2**40, 2**50)),
+    count=st.integers(1, 3000),
+)
+def test_fused_random_draws_are_the_numpy_reference(seed, first, count):
+    """SplitMix64 in numba and in numpy: the same bits, as uniform numbers and as keep masks."""
+    from convergent import determinism
+
+    reference = determinism.splitmix_uniform(seed, first, count)
+    fused = kernels.uniform(seed, first, count)
+    assert fused.dtype == np.float32 and np.array_equal(fused.view(np.uint32), reference.view(np.uint32))
+    per_element = np.random.default_rng(seed % 2**32).random(count, dtype=np.float32)
+    for bound in (np.float32(0.3), per_element):
+        mask = kernels.keep_mask(seed, first, count, bound)
+        assert np.array_equal(mask, (reference < bound).astype(np.float32))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 1 / 3, 0.5, 0.9, 1.0])
+def test_keep_mask_is_the_comparison_in_float32(p):
+    """DARE's mask keeps ``uniform < float32(density)``: the rounding of ``p`` is part of the definition."""
+    from convergent import determinism
+    from convergent.strategies.task_arithmetic import keep_below
+
+    u = determinism.splitmix_uniform(11, 0, 1 << 20)
+    mask = kernels.keep_mask(11, 0, 1 << 20, p)
+    assert np.array_equal(mask, keep_below(torch.from_numpy(u.copy()), p).numpy())
+    assert abs(mask.mean() - p) < 0.002
+
+
+def test_random_draws_without_numba_give_the_same_bits(monkeypatch):
+    from convergent.errors import ConvergentError
+
+    fused_u, fused_m = kernels.uniform(5, 77, 999), kernels.keep_mask(5, 77, 999, 0.25)
+
+    def no_numba():
+        raise ConvergentError("the fused merge kernels cannot be loaded: no numba")
+
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
+    monkeypatch.setattr(kernels, "load", no_numba)
+    assert np.array_equal(kernels.uniform(5, 77, 999), fused_u)
+    assert np.array_equal(kernels.keep_mask(5, 77, 999, 0.25), fused_m)
+    with pytest.raises(ValueError, match="3 bounds for 999 numbers"):
+        kernels.keep_mask(5, 77, 999, np.ones(3, np.float32))

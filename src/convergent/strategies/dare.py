@@ -1,7 +1,7 @@
 """DARE (mergekit's ``dare_linear`` and ``dare_ties``): drop task-vector elements at random.
 
 Each element of model i's task vector survives with probability ``density``
-(an independent draw ``task.uniform(f"dare/{i}") < density``, chunk-invariant
+(an independent draw ``task.uniform(f"dare/{i}") < density``, as ``task.keep_mask``; chunk-invariant
 and seeded by the merge). With ``rescale`` (the default) the survivors are
 scaled by ``sum|delta| / sum|kept|`` over the whole tensor, mergekit's L1
 rescaling (the paper's ``1 / density`` in expectation). ``dare_ties`` then
@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from convergent.strategies.api import TensorTask
-from convergent.strategies.task_arithmetic import GtaModelParams, ModelState, Sparsifier, keep_below, register_gta
+from convergent.strategies.task_arithmetic import GtaModelParams, ModelState, Sparsifier, register_gta
 
 PAPER = "Yu et al. 2024, Language Models are Super Mario: Absorbing Abilities from Homologous Models (arXiv:2311.03099)"
 
@@ -28,7 +28,7 @@ class Random(Sparsifier):
 
     def context(self, task: TensorTask[Any, Any], i: int, mp: Any, state: ModelState) -> Tensor:
         """1.0 where ``uniform < density`` (the element survives), else 0.0."""
-        return keep_below(task.uniform(f"dare/{i}").reshape(-1), mp.density)
+        return task.keep_mask(f"dare/{i}", mp.density)
 
     def sparsify(self, delta: Tensor, context: Any, start: int, stop: int, mp: Any, state: ModelState) -> Tensor:
         return delta.mul_(context[start:stop])

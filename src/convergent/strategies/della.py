@@ -30,7 +30,6 @@ from convergent.strategies.task_arithmetic import (
     ModelState,
     Sparsifier,
     delta_of,
-    keep_below,
     register_gta,
 )
 
@@ -108,7 +107,7 @@ class DellaMagprune(Sparsifier):
             start, stop = task.rows
             rank = state.extra[start:stop].reshape(tuple(delta.shape))
         probs = keep_probabilities(rank, mp.density, mp.epsilon)
-        return keep_below(task.uniform(f"della/{i}").reshape(-1), probs)
+        return task.keep_mask(f"della/{i}", probs)
 
     def sparsify(self, delta: Tensor, context: Any, start: int, stop: int, mp: Any, state: ModelState) -> Tensor:
         if context is None:

@@ -10,7 +10,8 @@ numba (PyTorch has no CPU fusion without a C++ toolchain):
 * ``weighted_sum``: ``linear``;
 * ``ties_merge``, ``consensus_merge``: the sign-consensus methods;
 * ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
-* ``all_finite``: the engine's NaN/Inf probe of every input.
+* ``all_finite``: the engine's NaN/Inf probe of every input;
+* ``splitmix_uniform``: the counter-based random draws of DARE and DELLA.
 
 Kernels work in sub-blocks of ``BLOCK`` elements with simple inner loops, so
 LLVM vectorizes them; they release the GIL, as the engine runs tensors on
@@ -474,6 +475,49 @@ def kth_smallest(values, k, scratch):  # pragma: no cover - compiled
 READY = False
 
 
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_UNIFORM_SCALE = np.float32(2.0**-24)
+
+
+@_jit
+def splitmix_uniform(seed, first, out):  # pragma: no cover - compiled
+    """``out[j]`` = SplitMix64 output ``first + j`` from ``seed``, as float32 in [0, 1).
+
+    The bits of ``determinism.splitmix_uniform`` (the numpy reference), in one
+    pass: every operand is uint64, so each product wraps modulo 2^64.
+    """
+    start = np.uint64(first) + np.uint64(1)
+    for j in range(out.shape[0]):
+        z = seed + (start + np.uint64(j)) * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        out[j] = np.float32(z >> np.uint64(40)) * _UNIFORM_SCALE
+    return out
+
+
+@_jit
+def splitmix_keep(seed, first, bound, out):  # pragma: no cover - compiled
+    """``out[j]`` = 1.0 where ``splitmix_uniform``'s number ``first + j`` is below the bound, else 0.0.
+
+    ``bound`` holds one float32 for every element, or one per element: a
+    Bernoulli keep mask (DARE, DELLA) in one pass, the bits of ``u < bound``.
+    """
+    start = np.uint64(first) + np.uint64(1)
+    shared = bound.shape[0] == 1
+    for j in range(out.shape[0]):
+        z = seed + (start + np.uint64(j)) * _GAMMA
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+        u = np.float32(z >> np.uint64(40)) * _UNIFORM_SCALE
+        b = bound[0] if shared else bound[j]
+        out[j] = np.float32(1.0) if u < b else np.float32(0.0)
+    return out
+
+
 def warm_up() -> None:
     """Load the compiled code (numba's first call costs ~0.7 s: its imports and target set-up)."""
     global READY
@@ -490,4 +534,7 @@ def warm_up() -> None:
         np.empty((1, 8 + COLLECT_SLACK), np.float32),
         np.empty((1, 4), np.int64),
     )
+    splitmix_uniform(np.uint64(1), 0, values)
+    splitmix_keep(np.uint64(1), 0, values[:1], np.empty(8, np.float32))
+    splitmix_keep(np.uint64(1), 0, values, np.empty(8, np.float32))
     READY = True

