@@ -25,6 +25,7 @@ class Random(Sparsifier):
 
     name = "random"
     stochastic = True
+    masks = True
 
     def context(self, task: TensorTask[Any, Any], i: int, mp: Any, state: ModelState) -> Tensor:
         """1.0 where ``uniform < density`` (the element survives), else 0.0."""

@@ -11,7 +11,8 @@ numba (PyTorch has no CPU fusion without a C++ toolchain):
 * ``ties_merge``, ``consensus_merge``: the sign-consensus methods;
 * ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
 * ``all_finite``: the engine's NaN/Inf probe of every input;
-* ``splitmix_uniform``: the counter-based random draws of DARE and DELLA.
+* ``splitmix_uniform``, ``splitmix_keep``: the counter-based random draws of DARE and DELLA;
+* ``masked_l1``: the L1 norms of their rescaling.
 
 Kernels work in sub-blocks of ``BLOCK`` elements with simple inner loops, so
 LLVM vectorizes them; they release the GIL, as the engine runs tensors on
@@ -518,6 +519,44 @@ def splitmix_keep(seed, first, bound, out):  # pragma: no cover - compiled
     return out
 
 
+#: float64 accumulators of ``masked_l1``: one AVX-512 register, each lane a sum in element order
+L1_LANES = 8
+
+
+@_jit
+def masked_l1(model, base, mask, sums):  # pragma: no cover - compiled
+    """``sums[0]`` = sum |model - base|, ``sums[1]`` = the same where ``mask != 0``, in float64.
+
+    Element j goes to lane ``j % L1_LANES``, each lane adds in element order
+    from 0.0, and the lanes are added 0 to 7 at the end: a fixed order (so
+    the same bits everywhere, as ``kernels.masked_l1_reference``) that still
+    vectorizes. The difference is taken in float32, as on the tensor path.
+    """
+    before = np.zeros(L1_LANES, np.float64)
+    after = np.zeros(L1_LANES, np.float64)
+    size = model.shape[0]
+    whole = size - size % L1_LANES
+    for start in range(0, whole, L1_LANES):
+        for k in range(L1_LANES):
+            j = start + k
+            a = np.float64(abs(_to_f32(model[j]) - _to_f32(base[j])))
+            before[k] += a
+            after[k] += a if mask[j] != 0 else 0.0
+    for k in range(size - whole):
+        j = whole + k
+        a = np.float64(abs(_to_f32(model[j]) - _to_f32(base[j])))
+        before[k] += a
+        after[k] += a if mask[j] != 0 else 0.0
+    total_before = before[0]
+    total_after = after[0]
+    for k in range(1, L1_LANES):
+        total_before += before[k]
+        total_after += after[k]
+    sums[0] = total_before
+    sums[1] = total_after
+    return sums
+
+
 def warm_up() -> None:
     """Load the compiled code (numba's first call costs ~0.7 s: its imports and target set-up)."""
     global READY
@@ -537,4 +576,6 @@ def warm_up() -> None:
     splitmix_uniform(np.uint64(1), 0, values)
     splitmix_keep(np.uint64(1), 0, values[:1], np.empty(8, np.float32))
     splitmix_keep(np.uint64(1), 0, values, np.empty(8, np.float32))
+    masked_l1(values, values, values, np.zeros(2, np.float64))
+    masked_l1(values.view(np.uint16)[:8], values.view(np.uint16)[:8], values, np.zeros(2, np.float64))
     READY = True

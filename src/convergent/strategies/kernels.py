@@ -102,6 +102,47 @@ def keep_mask(seed: int, first: int, count: int, bound: float | np.ndarray) -> n
     return fused.splitmix_keep(np.uint64(seed), first, bound, np.empty(count, np.float32))
 
 
+#: lanes of ``fused_kernels.masked_l1`` (kept here too, so the reference needs no numba)
+L1_LANES = 8
+
+
+def masked_l1_reference(delta: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(sum |delta|, sum |delta| where mask != 0) in float64, in ``fused_kernels.masked_l1``'s order.
+
+    For a float32 ``delta`` already formed (inputs the kernel cannot read), or
+    without numba: the same bits as the kernel.
+    """
+    magnitudes = np.abs(delta).astype(np.float64)
+    kept = np.where(mask != 0, magnitudes, 0.0)
+    return _lane_sum(magnitudes), _lane_sum(kept)
+
+
+def _lane_sum(values: np.ndarray) -> float:
+    lanes = np.zeros(L1_LANES, np.float64)
+    whole = len(values) - len(values) % L1_LANES
+    if whole:
+        lanes = np.cumsum(values[:whole].reshape(-1, L1_LANES), axis=0)[-1]  # each lane in element order
+    for k, value in enumerate(values[whole:]):
+        lanes[k] += value
+    total = lanes[0]
+    for k in range(1, L1_LANES):
+        total += lanes[k]
+    return float(total)
+
+
+def masked_l1(model: np.ndarray, base: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
+    """``fused_kernels.masked_l1`` of stored float32/bfloat16 arrays; None without numba (use the reference)."""
+    fused = loaded()
+    if fused is None:
+        try:
+            load()
+        except ConvergentError:
+            return None
+        fused = loaded()
+    sums = fused.masked_l1(model, base, mask, np.zeros(2, np.float64))
+    return float(sums[0]), float(sums[1])
+
+
 def raw_array(t: torch.Tensor) -> np.ndarray:
     """A float32 or bfloat16 tensor as the numpy array the fused kernels take (bfloat16 as uint16 bits)."""
     return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()

@@ -437,6 +437,9 @@ class Sparsifier:
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    #: ``sparsify`` multiplies by ``context``, a flat 1.0/0.0 mask (None: drop all): then the
+    #: rescaling's L1 norms are taken by ``masked_l1`` in one fused pass.
+    masks: ClassVar[bool] = False
 
     def active(self, mp: Any) -> bool:
         """Whether this model's delta is sparsified at all (mergekit: density < 1)."""
@@ -502,6 +505,25 @@ def keep_below(u: Tensor, p: Tensor | float) -> Tensor:
     return u
 
 
+def masked_l1(
+    streams: DeltaStreams, i: int, mask: Tensor | None, start: int, stop: int, scratch: Tensor
+) -> tuple[float, float]:
+    """(sum |delta_i|, sum |delta_i| kept by ``mask``) over the piece [start, stop), in float64.
+
+    The L1 norms of a masking sparsifier's rescaling, summed in the fixed lane
+    order of ``fused_kernels.masked_l1``: one fused pass over the stored bytes
+    (the tensor path took five), or the same order in numpy for inputs the
+    kernel cannot read.
+    """
+    keep = np.zeros(stop - start, np.float32) if mask is None else mask[start:stop].numpy()
+    raw = streams.raw(start, stop)
+    if raw is not None:
+        sums = kernels.masked_l1(raw[0][i], raw[1], keep)
+        if sums is not None:
+            return sums
+    return kernels.masked_l1_reference(streams(i, start, stop, scratch).numpy(), keep)
+
+
 def delta_of(blk: TensorTask[Any, Any], i: int) -> Tensor:
     assert blk.base is not None
     return sub_into(blk.models[i], as_f32(blk.base), torch.empty(blk.base.shape))
@@ -548,6 +570,11 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
             contexts = {i: sparsifier.context(blk, i, mps[i], st) for i, st in enumerate(states) if st is not None}
             for start, stop in pieces(blk):
                 for i, ctx in contexts.items():
+                    if sparsifier.masks:
+                        norm, kept_norm = masked_l1(piece, i, ctx, start, stop, scratch[: stop - start])
+                        before[i] += norm
+                        after[i] += kept_norm
+                        continue
                     d = piece(i, start, stop, scratch[: stop - start])
                     before[i] += float(d.abs().sum(dtype=torch.float64))
                     kept = sparsifier.sparsify(d, ctx, start, stop, mps[i], states[i])
