@@ -12,7 +12,7 @@ numba (PyTorch has no CPU fusion without a C++ toolchain):
 * ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
 * ``all_finite``: the engine's NaN/Inf probe of every input;
 * ``splitmix_uniform``, ``splitmix_keep``: the counter-based random draws of DARE and DELLA;
-* ``masked_l1``: the L1 norms of their rescaling.
+* ``masked_l1``, ``masked_delta``: the L1 norms of their rescaling, and their masked deltas.
 
 Kernels work in sub-blocks of ``BLOCK`` elements with simple inner loops, so
 LLVM vectorizes them; they release the GIL, as the engine runs tensors on
@@ -557,6 +557,26 @@ def masked_l1(model, base, mask, sums):  # pragma: no cover - compiled
     return sums
 
 
+@_jit
+def masked_delta(model, base, mask, masked, scale, scaled, weight, weighted, out):  # pragma: no cover - compiled
+    """``out = (model - base) * mask * scale * weight`` in float32, each factor only where flagged.
+
+    The operations of the tensor path (``sub_into``, a masking sparsifier's
+    ``sparsify``, the rescale and the weight, each rounded), in one pass over
+    the stored float32 or bfloat16 bytes.
+    """
+    for j in range(out.shape[0]):
+        v = _to_f32(model[j]) - _to_f32(base[j])
+        if masked:
+            v = v * mask[j]
+        if scaled:
+            v = v * scale
+        if weighted:
+            v = v * weight
+        out[j] = v
+    return out
+
+
 def warm_up() -> None:
     """Load the compiled code (numba's first call costs ~0.7 s: its imports and target set-up)."""
     global READY
@@ -578,4 +598,6 @@ def warm_up() -> None:
     splitmix_keep(np.uint64(1), 0, values, np.empty(8, np.float32))
     masked_l1(values, values, values, np.zeros(2, np.float64))
     masked_l1(values.view(np.uint16)[:8], values.view(np.uint16)[:8], values, np.zeros(2, np.float64))
+    for stored in (values, values.view(np.uint16)[:8]):
+        masked_delta(stored, stored, values, True, np.float32(1), True, np.float32(1), True, np.empty(8, np.float32))
     READY = True

@@ -45,6 +45,21 @@ def loaded() -> ModuleType | None:
     return module if module is not None and getattr(module, "READY", False) else None
 
 
+def waited() -> ModuleType | None:
+    """``fused_kernels``, waiting for them if they are still loading; None where numba cannot be imported.
+
+    For kernels whose numpy fallback gives the same bits but runs far slower.
+    """
+    fused = loaded()
+    if fused is not None:
+        return fused
+    try:
+        load()
+    except ConvergentError:
+        return None
+    return require()
+
+
 def kernel_ready(first: torch.Tensor, others: Sequence[torch.Tensor]) -> bool:
     """Whether the fused kernels can read these inputs' stored bytes: all float32, or all bfloat16."""
     return first.dtype in (torch.float32, torch.bfloat16) and all(t.dtype == first.dtype for t in others)
@@ -74,13 +89,9 @@ def uniform(seed: int, first: int, count: int) -> np.ndarray:
     Waits for the kernels if they are still loading: numpy's version, used
     only where numba cannot be imported, gives the same bits 25× slower.
     """
-    fused = loaded()
+    fused = waited()
     if fused is None:
-        try:
-            load()
-        except ConvergentError:
-            return determinism.splitmix_uniform(seed, first, count)
-        fused = loaded()
+        return determinism.splitmix_uniform(seed, first, count)
     return fused.splitmix_uniform(np.uint64(seed), first, np.empty(count, np.float32))
 
 
@@ -92,13 +103,9 @@ def keep_mask(seed: int, first: int, count: int, bound: float | np.ndarray) -> n
     bound = np.ascontiguousarray(bound, dtype=np.float32).reshape(-1)
     if bound.shape[0] not in (1, count):
         raise ValueError(f"{bound.shape[0]} bounds for {count} numbers")
-    fused = loaded()
+    fused = waited()
     if fused is None:
-        try:
-            load()
-        except ConvergentError:
-            return (determinism.splitmix_uniform(seed, first, count) < bound).astype(np.float32)
-        fused = loaded()
+        return (determinism.splitmix_uniform(seed, first, count) < bound).astype(np.float32)
     return fused.splitmix_keep(np.uint64(seed), first, bound, np.empty(count, np.float32))
 
 
@@ -132,13 +139,9 @@ def _lane_sum(values: np.ndarray) -> float:
 
 def masked_l1(model: np.ndarray, base: np.ndarray, mask: np.ndarray) -> tuple[float, float] | None:
     """``fused_kernels.masked_l1`` of stored float32/bfloat16 arrays; None without numba (use the reference)."""
-    fused = loaded()
+    fused = waited()
     if fused is None:
-        try:
-            load()
-        except ConvergentError:
-            return None
-        fused = loaded()
+        return None
     sums = fused.masked_l1(model, base, mask, np.zeros(2, np.float64))
     return float(sums[0]), float(sums[1])
 

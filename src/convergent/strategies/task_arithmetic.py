@@ -505,6 +505,23 @@ def keep_below(u: Tensor, p: Tensor | float) -> Tensor:
     return u
 
 
+#: the mask ``fused_kernels.masked_delta`` is given when it does not mask
+_NO_MASK = np.zeros(1, np.float32)
+
+
+def _masking_kernels(sparsifier: Sparsifier | None, base: Tensor, models: list[Tensor]) -> Any:
+    """``fused_kernels`` when a masking sparsifier's deltas can be formed by ``masked_delta``, else None.
+
+    Needs the kernels loaded (no waiting: the tensor path gives the same bits)
+    and base and models all float32 or all bfloat16, contiguous.
+    """
+    if sparsifier is None or not sparsifier.masks or not kernel_ready(base, models):
+        return None
+    if not base.is_contiguous() or not all(m.is_contiguous() for m in models):
+        return None
+    return kernels.loaded()
+
+
 def masked_l1(
     streams: DeltaStreams, i: int, mask: Tensor | None, start: int, stop: int, scratch: Tensor
 ) -> tuple[float, float]:
@@ -632,6 +649,7 @@ def gta_apply(
         summed = float(torch.tensor(weights, dtype=torch.float32).sum())
         scale_total = 1.0 if abs(summed) < 1e-8 else summed
     lam_value = lam(p)
+    masking = _masking_kernels(sparsifier, base_flat, flats)
     for start in range(0, total, piece):
         stop = min(total, start + piece)
         size = stop - start
@@ -643,8 +661,24 @@ def gta_apply(
         rows = stack[: n * size].view(n, size)
         deltas = []
         for i in range(n):
+            state, context = states[i], contexts[i]
+            if masking is not None and (state is None or context is not None):
+                mask = context[start:stop].numpy() if state is not None else _NO_MASK
+                scale = None if state is None else state.scale
+                masking.masked_delta(
+                    raw_array(flats[i][start:stop]),
+                    raw_array(base_flat[start:stop]),
+                    mask,
+                    state is not None,
+                    np.float32(1.0 if scale is None else scale),
+                    scale is not None,
+                    np.float32(weights[i]),
+                    weights[i] != 1,
+                    rows[i].numpy(),
+                )
+                deltas.append(rows[i])
+                continue
             d = sub_into(flats[i][start:stop], b, rows[i])
-            state = states[i]
             if sparsifier is not None and state is not None:
                 d = sparsifier.sparsify(d, contexts[i], start, stop, task.model_params[i], state)
                 if state.scale is not None:
