@@ -64,3 +64,32 @@ def test_masked_delta_is_not_used_for_inputs_it_cannot_read(monkeypatch):
     monkeypatch.setattr(fused_kernels, "masked_delta", lambda *a: calls.append(1))
     merge_tensors("dare_ties", models, base=base, model_params=[{"density": 0.5}] * 2)
     assert calls == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    length=st.integers(2, 3000),
+    levels=st.sampled_from([None, 1, 2, 40]),  # few distinct magnitudes: many ties, ranked by position
+    zeros=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_radix_row_ranks_are_the_sorted_ranks(rows, length, levels, zeros, seed):
+    """DELLA's ranks by the fused radix sort equal the numpy sort of (bits, position) keys."""
+    import numpy as np
+
+    from convergent.strategies import della
+
+    rng = np.random.default_rng(seed)
+    values = np.abs(rng.standard_normal((rows, length))).astype(np.float32) * np.float32(10.0 ** rng.integers(-30, 30))
+    if levels is not None:
+        values = np.floor(values * levels) / np.float32(levels)
+    if zeros:
+        values[:, ::7] = 0.0
+    expected = della.sorted_ranks(values)
+    got = fused_kernels.row_ranks(values.view(np.uint32), np.empty(values.shape, np.float32))
+    assert np.array_equal(got, expected)
+    assert np.array_equal(np.sort(got[0]), np.arange(length, dtype=np.float32) / np.float32(length - 1))
+    ranked = torch.from_numpy(values.copy())
+    assert np.array_equal(della.rank_norm(ranked, 1), expected)
+    assert np.array_equal(della.rank_norm(ranked.T.contiguous(), 0), expected.T)

@@ -12,7 +12,8 @@ numba (PyTorch has no CPU fusion without a C++ toolchain):
 * ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
 * ``all_finite``: the engine's NaN/Inf probe of every input;
 * ``splitmix_uniform``, ``splitmix_keep``: the counter-based random draws of DARE and DELLA;
-* ``masked_l1``, ``masked_delta``: the L1 norms of their rescaling, and their masked deltas.
+* ``masked_l1``, ``masked_delta``: the L1 norms of their rescaling, and their masked deltas;
+* ``row_ranks``: DELLA's magnitude ranks within each row.
 
 Kernels work in sub-blocks of ``BLOCK`` elements with simple inner loops, so
 LLVM vectorizes them; they release the GIL, as the engine runs tensors on
@@ -577,6 +578,63 @@ def masked_delta(model, base, mask, masked, scale, scaled, weight, weighted, out
     return out
 
 
+#: bits per digit of ``row_ranks``' radix sort (four passes cover a float32)
+RANK_DIGIT_BITS = 8
+
+
+@_jit
+def row_ranks(bits, out):  # pragma: no cover - compiled
+    """``out[r, j]`` = the rank of ``bits[r, j]`` in its row (0 = smallest) / (row length - 1), float32.
+
+    ``bits`` holds non-negative float32 values as uint32 (their bit patterns
+    sort as the values do). Equal values rank by position: a stable LSD radix
+    sort of (key, position) pairs, the order of ``della.rank_norm``'s
+    (bits, position) keys at a third of its cost. The digit counts of all
+    passes come from one read of the row, and a pass whose digit is the same
+    for the whole row is skipped.
+    """
+    rows, length = bits.shape
+    scale = np.float32(length - 1)
+    passes = (32 + RANK_DIGIT_BITS - 1) // RANK_DIGIT_BITS
+    buckets = 1 << RANK_DIGIT_BITS
+    mask = np.uint32(buckets - 1)
+    keys = np.empty(length, np.uint32)
+    spare_keys = np.empty(length, np.uint32)
+    order = np.empty(length, np.int64)
+    spare = np.empty(length, np.int64)
+    count = np.empty((passes, buckets), np.int64)
+    for r in range(rows):
+        row = bits[r]
+        count[:, :] = 0
+        for j in range(length):
+            key = row[j]
+            keys[j] = key
+            order[j] = j
+            for p in range(passes):
+                count[p, (key >> np.uint32(p * RANK_DIGIT_BITS)) & mask] += 1
+        for p in range(passes):
+            shift = np.uint32(p * RANK_DIGIT_BITS)
+            if count[p, (keys[0] >> shift) & mask] == length:
+                continue  # every key has this digit: the order stands
+            total = 0
+            for d in range(buckets):
+                c = count[p, d]
+                count[p, d] = total
+                total += c
+            for j in range(length):
+                key = keys[j]
+                digit = (key >> shift) & mask
+                slot = count[p, digit]
+                spare_keys[slot] = key
+                spare[slot] = order[j]
+                count[p, digit] = slot + 1
+            keys, spare_keys = spare_keys, keys
+            order, spare = spare, order
+        for position in range(length):
+            out[r, order[position]] = np.float32(position) / scale
+    return out
+
+
 def warm_up() -> None:
     """Load the compiled code (numba's first call costs ~0.7 s: its imports and target set-up)."""
     global READY
@@ -598,6 +656,7 @@ def warm_up() -> None:
     splitmix_keep(np.uint64(1), 0, values, np.empty(8, np.float32))
     masked_l1(values, values, values, np.zeros(2, np.float64))
     masked_l1(values.view(np.uint16)[:8], values.view(np.uint16)[:8], values, np.zeros(2, np.float64))
+    row_ranks(values.view(np.uint32).reshape(2, 4), np.empty((2, 4), np.float32))
     for stored in (values, values.view(np.uint16)[:8]):
         masked_delta(stored, stored, values, True, np.float32(1), True, np.float32(1), True, np.empty(8, np.float32))
     READY = True
