@@ -40,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 #: mergekit options used for speed on a CPU-only machine (its README's advice: lazy
 #: unpickling, no CUDA); threads are set from --threads.
 MERGEKIT_OPTIONS = ["--lazy-unpickle", "--no-cuda", "--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
+#: methods with random draws: the tools' outputs are not comparable element by element
+STOCHASTIC = {"dare_ties", "della"}
 TARGETS = {"linear_vs_floor": 1.25, "ties_vs_linear": 2.0, "peak_rss_bytes": 1_000_000_000}
 
 
@@ -63,7 +65,13 @@ def recipe(method: str, fam: Family) -> dict[str, Any]:
     if method == "task_arithmetic":
         models = [{"model": p, "parameters": {"weight": 1.0}} for p in fts]
         return {"models": models, "base_model": str(fam.base), "merge_method": "task_arithmetic", **common}
-    raise SystemExit(f"bench_merge: no recipe for method '{method}' (known: linear, ties, task_arithmetic)")
+    if method in ("dare_ties", "della"):  # the stochastic ones: seeded random drops (and ranks, for della)
+        extra = {"epsilon": 0.1} if method == "della" else {}
+        models = [{"model": p, "parameters": {"weight": 1.0, "density": 0.5, **extra}} for p in fts]
+        return {"models": models, "base_model": str(fam.base), "merge_method": method, **common}
+    raise SystemExit(
+        f"bench_merge: no recipe for method '{method}' (known: linear, ties, task_arithmetic, dare_ties, della)"
+    )
 
 
 def input_models(rec: dict[str, Any]) -> list[Path]:
@@ -336,7 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", type=int, default=3, help="fine-tunes merged (default 3)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--workdir", type=Path, default=HERE / "work", help="models, recipes and outputs")
-    ap.add_argument("--methods", default="linear,ties", help="comma-separated (linear, ties, task_arithmetic)")
+    ap.add_argument(
+        "--methods", default="linear,ties", help="comma-separated (linear, ties, task_arithmetic, dare_ties, della)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="threads for both tools (default 2)")
     ap.add_argument("--memory-limit", default="2GB", help="convergent --memory-limit (default 2GB)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is reported")
@@ -425,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
             inputs = input_models(recipes[m])
             attempts = [run_tool("mergekit", cmd, mk_out, args.timeout, inputs) for _ in range(args.repeat)]
             runs.append({**row, **_best(attempts), "attempts": len(attempts)})
-        if conv_out.exists() and mk_out.exists() and all(r.get("returncode") == 0 for r in runs[-2:]):
+        if m in STOCHASTIC:
+            log(f"  {m}: outputs not compared (each tool draws its own random numbers)")
+        elif conv_out.exists() and mk_out.exists() and all(r.get("returncode") == 0 for r in runs[-2:]):
             comparisons[m] = compare_outputs(conv_out, mk_out, sample_tensor_names(fam))
             log(f"  convergent vs mergekit ({m}): max abs diff {comparisons[m]['max_abs_diff']:.3g}")
         if not args.keep_outputs:
