@@ -6,7 +6,7 @@ a stream seeded by ``hash(seed key, tensor name, purpose)``. Element-wise draws
 n-th output (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number
 generators"), which is a function of (stream, n) alone, so a tensor processed
 whole or in chunks of any size sees exactly the same numbers, on any machine
-(integer arithmetic only). It is also 15× faster than ``torch.rand``'s
+(integer arithmetic only). It is also 6× faster than ``torch.rand``'s
 Mersenne Twister in the fused kernel (DARE draws one number per element and
 model, twice). Whole-tensor procedures use a seeded ``torch.Generator``
 (``generator``). Fixed-order reductions work in blocks of ``block_rows``.
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-#: elements per block; the unit of random draws and of fixed-order reductions.
+#: elements per block: the unit of fixed-order reductions (and of whole-block work).
 BLOCK_ELEMENTS = 1 << 20
 
 

@@ -36,6 +36,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from convergent.strategies.kernels import L1_LANES
+
 #: elements per sub-block: every scratch row of a kernel together stays in L1
 #: cache (2048 ran half as fast as 256 on a 32 KB L1).
 BLOCK = 256
@@ -518,10 +520,6 @@ def splitmix_keep(seed, first, bound, out):  # pragma: no cover - compiled
         b = bound[0] if shared else bound[j]
         out[j] = np.float32(1.0) if u < b else np.float32(0.0)
     return out
-
-
-#: float64 accumulators of ``masked_l1``: one AVX-512 register, each lane a sum in element order
-L1_LANES = 8
 
 
 @_jit

@@ -109,7 +109,8 @@ def keep_mask(seed: int, first: int, count: int, bound: float | np.ndarray) -> n
     return fused.splitmix_keep(np.uint64(seed), first, bound, np.empty(count, np.float32))
 
 
-#: lanes of ``fused_kernels.masked_l1`` (kept here too, so the reference needs no numba)
+#: float64 accumulators of ``fused_kernels.masked_l1`` and its reference: one AVX-512
+#: register, each lane a sum in element order
 L1_LANES = 8
 
 

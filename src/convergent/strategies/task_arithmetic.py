@@ -491,20 +491,6 @@ ZERO_ALL = float("inf")
 KEEP_ALL = -1.0
 
 
-def keep_below(u: Tensor, p: Tensor | float) -> Tensor:
-    """Float 1/0 mask of ``u < p``, computed in place in ``u`` without boolean tensors.
-
-    ``sign(u - p)`` is exact in float32 (it is 0 only when u == p), so this is
-    exactly the comparison. Works in pieces of ``GRAIN`` elements.
-    """
-    flat = u.view(-1)
-    bound = p.reshape(-1) if isinstance(p, Tensor) else None
-    for start in range(0, flat.numel(), GRAIN):
-        piece = flat[start : start + GRAIN]
-        piece.sub_(p if bound is None else bound[start : start + GRAIN]).sign_().clamp_(max=0).neg_()
-    return u
-
-
 #: the mask ``fused_kernels.masked_delta`` is given when it does not mask
 _NO_MASK = np.zeros(1, np.float32)
 
