@@ -69,14 +69,11 @@ class Checkpoint:
 
     def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
         """A mapped, copy-on-write view of the tensor (or rows), or None where only ``read`` works."""
-        f = self._file(name)
-        return f.view(name, rows) if isinstance(f, SafetensorsFile) else None
+        return self._file(name).view(name, rows)
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Drop what ``view`` mapped for ``name`` (or its rows) from this process's memory."""
-        f = self._file(name)
-        if isinstance(f, SafetensorsFile):
-            f.release(name, rows)
+        self._file(name).release(name, rows)
 
     def files(self) -> dict[str, Path]:
         """Config and tokenizer files beside the weights (name -> path)."""
@@ -123,6 +120,11 @@ class _TorchFile:
             raise CheckpointError(f"{path}: not a flat dict of tensors", "save the model's state_dict()")
         self.tensors: dict[str, torch.Tensor] = state
 
+    @property
+    def entries(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by name (``SafetensorsFile.entries``' counterpart)."""
+        return self.tensors
+
     def info(self, name: str) -> TensorInfo:
         t = self.tensors[name]
         return TensorInfo(t.dtype, tuple(t.shape))
@@ -136,6 +138,13 @@ class _TorchFile:
         dest = read_buffer(out, t.numel() * t.element_size()).view(t.dtype).view(t.shape)
         return dest.copy_(t)
 
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """No mapped view to offer (the engine reads a copy with ``read``)."""
+        return None
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Nothing was mapped by ``view``."""
+
     def close(self) -> None:
         self.tensors = {}
 
@@ -143,8 +152,7 @@ class _TorchFile:
 def _index_files(files: list[SafetensorsFile | _TorchFile], label: Path) -> dict[str, SafetensorsFile | _TorchFile]:
     index: dict[str, SafetensorsFile | _TorchFile] = {}
     for f in files:
-        names = f.entries if isinstance(f, SafetensorsFile) else f.tensors
-        for name in names:
+        for name in f.entries:
             if name in index:
                 raise CheckpointError(f"{label}: tensor '{name}' appears in more than one file")
             index[name] = f
@@ -175,8 +183,7 @@ def _sharded(folder: Path, index_path: Path, kind: str) -> Checkpoint:
                 raise CheckpointError(f"{index_path}: shard '{shard}' is missing", "copy the complete model folder")
             shards[shard] = _open_file(shard_path)
         f = shards[shard]
-        present = f.entries if isinstance(f, SafetensorsFile) else f.tensors
-        if name not in present:
+        if name not in f.entries:
             raise CheckpointError(f"{index_path}: tensor '{name}' is listed in '{shard}' but not stored there")
         index[name] = f
     return Checkpoint(folder, kind, index, folder)
