@@ -576,8 +576,8 @@ def masked_delta(model, base, mask, masked, scale, scaled, weight, weighted, out
     return out
 
 
-#: bits per digit of ``row_ranks``' radix sort (four passes cover a float32)
-RANK_DIGIT_BITS = 8
+#: bits per digit of ``row_ranks``' radix sort (three passes cover a float32; 8 bits ran 5% slower)
+RANK_DIGIT_BITS = 11
 
 
 @_jit
@@ -601,6 +601,9 @@ def row_ranks(bits, out):  # pragma: no cover - compiled
     order = np.empty(length, np.int64)
     spare = np.empty(length, np.int64)
     count = np.empty((passes, buckets), np.int64)
+    normalized = np.empty(length, np.float32)  # rank / (length - 1), one division per rank
+    for position in range(length):
+        normalized[position] = np.float32(position) / scale
     for r in range(rows):
         row = bits[r]
         count[:, :] = 0
@@ -629,7 +632,7 @@ def row_ranks(bits, out):  # pragma: no cover - compiled
             keys, spare_keys = spare_keys, keys
             order, spare = spare, order
         for position in range(length):
-            out[r, order[position]] = np.float32(position) / scale
+            out[r, order[position]] = normalized[position]
     return out
 
 
