@@ -93,3 +93,28 @@ def test_radix_row_ranks_are_the_sorted_ranks(rows, length, levels, zeros, seed)
     ranked = torch.from_numpy(values.copy())
     assert np.array_equal(della.rank_norm(ranked, 1), expected)
     assert np.array_equal(della.rank_norm(ranked.T.contiguous(), 0), expected.T)
+
+
+@pytest.mark.parametrize(("chunk_rows", "chunks"), [(None, 1), (1, 2)])  # 1 row rounds up to a block
+def test_della_reuses_the_rescale_pass_masks(monkeypatch, chunk_rows, chunks):
+    """With rescale, DELLA ranks each block once (in prepare); apply unpacks the kept masks: the same bits."""
+    from convergent.strategies import della
+
+    base, models = family((5, 300_000), torch.bfloat16, 3, 7)  # blocks of 3 rows: [0, 3) and [3, 5)
+    mps = [{"weight": 1.0, "density": 0.5, "epsilon": 0.1}] * 3
+    real = della.DellaMagprune.context
+    calls = []
+
+    def counted(self, task, i, mp, state):
+        calls.append(task.rows)
+        return real(self, task, i, mp, state)
+
+    monkeypatch.setattr(della.DellaMagprune, "context", counted)
+    kept = merge_tensors("della", models, base=base, model_params=mps, params={"rescale": True}, chunk_rows=chunk_rows)
+    with_cache = len(calls)
+    monkeypatch.setattr(della.DellaMagprune, "keeps_masks", False)
+    calls.clear()
+    drawn = merge_tensors("della", models, base=base, model_params=mps, params={"rescale": True}, chunk_rows=chunk_rows)
+    assert torch.equal(kept.view(torch.int32), drawn.view(torch.int32))
+    assert with_cache == 2 * 3  # prepare: 2 blocks x 3 models; apply unpacked the masks
+    assert len(calls) == with_cache + chunks * 3  # without them, apply ranks every chunk again

@@ -101,6 +101,7 @@ class DellaMagprune(Sparsifier):
     name = "della_magprune"
     stochastic = True
     masks = True
+    keeps_masks = True
 
     def whole(self, blocks: TensorBlocks[Any, Any], i: int, mp: Any) -> Any:
         if len(blocks.shape) >= 2 or mp.density <= 0:

@@ -424,6 +424,9 @@ class ModelState:
     plan: Any = None  # from Sparsifier.plan (thresholds, tie rules)
     extra: Any = None  # from Sparsifier.whole (DELLA's 1-D ranks)
     scale: float | None = None  # float32 L1 rescaling factor, None for none
+    #: a masking sparsifier's keep masks from the rescale pass, so ``gta_apply`` need not
+    #: draw (and for DELLA rank) them again: block's first row -> (packed bits, elements)
+    masks: dict[int, tuple[np.ndarray, int]] | None = None
 
 
 class Sparsifier:
@@ -440,6 +443,10 @@ class Sparsifier:
     #: ``sparsify`` multiplies by ``context``, a flat 1.0/0.0 mask (None: drop all): then the
     #: rescaling's L1 norms are taken by ``masked_l1`` in one fused pass.
     masks: ClassVar[bool] = False
+    #: a masking sparsifier whose ``context`` is costly (DELLA ranks every row): the rescale
+    #: pass keeps its masks, 1 bit per element, for ``gta_apply``. DARE's draws cost less
+    #: than packing and unpacking them.
+    keeps_masks: ClassVar[bool] = False
 
     def active(self, mp: Any) -> bool:
         """Whether this model's delta is sparsified at all (mergekit: density < 1)."""
@@ -489,6 +496,27 @@ class PieceCut(NamedTuple):
 ZERO_ALL = float("inf")
 #: ``Sparsifier.cut``: nothing is zeroed.
 KEEP_ALL = -1.0
+
+
+def _kept_mask(task: TensorTask[Any, Any], state: ModelState) -> Tensor | None:
+    """The chunk's keep mask from the blocks ``gta_prepare`` kept, or None if one is missing.
+
+    Chunks are whole blocks, so the chunk's mask is its blocks' masks in order.
+    """
+    assert state.masks is not None
+    step = determinism.block_rows(task.shape)
+    start, stop = task.rows
+    parts = []
+    for first in range(start, stop, step):
+        entry = state.masks.get(first)
+        if entry is None:
+            return None
+        packed, count = entry
+        parts.append(np.unpackbits(packed, count=count))
+    if not parts or sum(len(p) for p in parts) != (stop - start) * determinism.row_numel(task.shape):
+        return None
+    bits = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return torch.from_numpy(bits.astype(np.float32))
 
 
 #: the mask ``fused_kernels.masked_delta`` is given when it does not mask
@@ -568,9 +596,16 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
         before = [0.0] * len(mps)
         after = [0.0] * len(mps)
         scratch = torch.empty(order_stats.STAT_PIECE)
+        kept_masks: list[dict[int, tuple[np.ndarray, int]] | None] = [
+            {} if sparsifier.keeps_masks and s is not None else None for s in states
+        ]
         for blk in blocks.blocks():
             piece = DeltaStreams(blk)
             contexts = {i: sparsifier.context(blk, i, mps[i], st) for i, st in enumerate(states) if st is not None}
+            for i, ctx in contexts.items():
+                masks = kept_masks[i]
+                if masks is not None and ctx is not None:  # 1 bit per element, held for gta_apply
+                    masks[blk.rows[0]] = (np.packbits(ctx.numpy() != 0), ctx.numel())
             for start, stop in pieces(blk):
                 for i, ctx in contexts.items():
                     if sparsifier.masks:
@@ -583,7 +618,7 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
                     kept = sparsifier.sparsify(d, ctx, start, stop, mps[i], states[i])
                     after[i] += float(kept.abs_().sum(dtype=torch.float64))
         states = [
-            None if s is None else ModelState(s.plan, s.extra, l1_scale(before[i], after[i]))
+            None if s is None else ModelState(s.plan, s.extra, l1_scale(before[i], after[i]), kept_masks[i])
             for i, s in enumerate(states)
         ]
     return tuple(states)
@@ -618,8 +653,11 @@ def gta_apply(
     weights = [float(torch.tensor(mp.weight, dtype=torch.float32)) for mp in task.model_params]
     states = prepared if prepared is not None else (None,) * n
     contexts = [
-        sparsifier.context(task, i, mp, st) if sparsifier is not None and st is not None else None
-        for i, (mp, st) in enumerate(zip(task.model_params, states))
+        _kept_mask(task, st) if sparsifier is not None and st is not None and st.masks else None for st in states
+    ]
+    contexts = [
+        ctx if ctx is not None or sparsifier is None or st is None else sparsifier.context(task, i, mp, st)
+        for i, (ctx, mp, st) in enumerate(zip(contexts, task.model_params, states))
     ]
     base_flat = base.reshape(-1)
     flats = [m.reshape(-1) for m in task.models]
