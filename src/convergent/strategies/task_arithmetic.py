@@ -19,10 +19,13 @@ Whole-tensor statistics (top-k thresholds, L1 sums) are computed in
 ``prepare`` from fixed blocks: thresholds exactly by
 :func:`convergent.strategies.order_stats.kth_largest_abs_many` (one pass
 bracketed by a sample, or a two-pass radix select; one more pass only with
-``rescale``), sums in float64 over fixed pieces added in order. ``apply`` is then elementwise (row-local for DELLA),
-so a tensor merged whole or in row chunks, on any number of threads, gives
-the same bytes. Random draws come from ``task.uniform(f"dare/{i}")`` /
-``task.uniform(f"della/{i}")`` (model i, chunk-invariant).
+``rescale``), sums in float64 over fixed pieces added in order (for the
+masking sparsifiers, DARE and DELLA, in the fixed lane order of
+``fused_kernels.masked_l1``). ``apply`` is then elementwise (row-local for
+DELLA), so a tensor merged whole or in row chunks, on any number of threads,
+gives the same bytes. Random keep masks come from ``task.keep_mask(f"dare/{i}")``
+/ ``task.keep_mask(f"della/{i}")`` (model i; counter-based, chunk-invariant);
+DELLA's, costly to rank, are kept from the rescale pass for ``apply``.
 
 Parameters are mergekit's, with its per-method defaults. Differences:
 ``weight`` defaults to 1 (mergekit requires it), ``int8_mask`` is accepted
@@ -43,7 +46,8 @@ and the disjoint mean run as one fused kernel
 (:mod:`convergent.strategies.fused_kernels`); a ``ties`` piece whose inputs
 are all float32 or all bfloat16 runs its whole pipeline in one kernel
 (:class:`_FusedTies`), the other pieces take the tensor path, and both give
-the same bits. The top-k bracket tally also reads the stored bytes directly.
+the same bits. The top-k bracket tally, and the masked deltas of DARE and
+DELLA (``fused_kernels.masked_delta``), also read the stored bytes directly.
 
 This module holds the shared pipeline and registers ``task_arithmetic``; the
 sparsifying methods live in ``ties``, ``dare``, ``breadcrumbs`` and ``della``.
