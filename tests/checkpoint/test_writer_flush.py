@@ -214,3 +214,19 @@ def test_no_disk_space_fails_before_any_write_and_leaves_no_folder(tmp_path, mon
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []
     assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_shard_that_cannot_be_created_is_one_clear_error(tmp_path, monkeypatch, direct):
+    monkeypatch.setattr(writer_module, "DIRECT_IO", direct)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer_module, "open_direct", full)
+    if not direct:
+        monkeypatch.setattr(writer_module.os, "open", full)
+    open_fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OutputError, match=r"could not write .*model\.safetensors: No space left on device"):
+        ShardedWriter(tmp_path, plan(tensors()), max_shard_size=1 << 30)
+    assert len(os.listdir("/proc/self/fd")) == open_fds

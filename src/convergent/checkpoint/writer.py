@@ -173,10 +173,14 @@ class ShardedWriter:
             for i, (group, (head, offsets)) in enumerate(zip(groups, headers), start=1):
                 fname = f"{prefix}.safetensors" if count == 1 else f"{prefix}-{i:05d}-of-{count:05d}.safetensors"
                 size = len(head) + sum(info.nbytes for _, info in group)
-                fd = open_direct(folder / fname) if DIRECT_IO else None
-                if fd is None:
-                    fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                else:
+                try:
+                    fd = open_direct(folder / fname) if DIRECT_IO else None
+                    direct = fd is not None
+                    if fd is None:
+                        fd = os.open(folder / fname, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                except OSError as exc:
+                    raise write_error(str(folder / fname), exc) from exc
+                if direct:
                     self._queue = self._queue or WriteQueue()
                     self._direct[fname] = BlockAlignedFile(fd, size, queue=self._queue, label=str(folder / fname))
                 self._fds[fname] = fd
