@@ -2,14 +2,15 @@
 
 Rules (see DESIGN.md): there is no global RNG. Every stochastic step draws from
 a stream seeded by ``hash(seed key, tensor name, purpose)``. Element-wise draws
-(``uniform_rows``) are counter-based: element n of a tensor gets SplitMix64's
-n-th output (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number
-generators"), which is a function of (stream, n) alone, so a tensor processed
-whole or in chunks of any size sees exactly the same numbers, on any machine
-(integer arithmetic only). It is also 6× faster than ``torch.rand``'s
-Mersenne Twister in the fused kernel (DARE draws one number per element and
-model, twice). Whole-tensor procedures use a seeded ``torch.Generator``
-(``generator``). Fixed-order reductions work in blocks of ``block_rows``.
+(``uniform_rows``, and DARE's and DELLA's keep masks, ``TensorTask.keep_mask``)
+are counter-based: element n of a tensor gets SplitMix64's n-th output
+(Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators"),
+a function of (stream, n) alone, so a tensor processed whole or in chunks of
+any size sees exactly the same numbers, on any machine (integer arithmetic
+only). In the fused kernel it is also 6× faster than ``torch.rand``'s
+Mersenne Twister (DARE draws one number per element and model, twice).
+Whole-tensor procedures use a seeded ``torch.Generator`` (``generator``).
+Fixed-order reductions work in blocks of ``block_rows``.
 """
 
 from __future__ import annotations
@@ -80,8 +81,7 @@ def splitmix_uniform(seed: int, first: int, count: int) -> np.ndarray:
     """Outputs ``first .. first + count - 1`` of SplitMix64 from ``seed``, as float32 in [0, 1).
 
     Output n is ``mix(seed + (n + 1) * GAMMA)``. This numpy version is the
-    reference; ``fused_kernels.splitmix_uniform`` computes the same bits in one
-    pass, and ``strategies.kernels.uniform`` picks whichever is ready.
+    definition; ``fused_kernels.splitmix_keep`` draws the same bits in its pass.
     """
     z = np.arange(first + 1, first + count + 1, dtype=np.uint64)
     z *= np.uint64(SPLITMIX_GAMMA)  # unsigned array arithmetic wraps modulo 2^64
@@ -92,6 +92,12 @@ def splitmix_uniform(seed: int, first: int, count: int) -> np.ndarray:
     z *= np.uint64(SPLITMIX_MIX2)
     z ^= z >> np.uint64(31)
     return (z >> np.uint64(40)).astype(np.float32) * np.float32(UNIFORM_SCALE)
+
+
+def element_range(shape: tuple[int, ...], row_start: int, row_stop: int) -> tuple[int, int]:
+    """(first flat element, element count) of rows [row_start, row_stop): their place in a draw's stream."""
+    per_row = row_numel(shape)
+    return row_start * per_row, (row_stop - row_start) * per_row
 
 
 def uniform_rows(
@@ -106,10 +112,8 @@ def uniform_rows(
 
     Element (r, ...) is output ``r * row_numel + offset`` of the stream
     ``stream_seed(key, purpose)``: the same whichever chunk asks for it.
-    ``draw(seed, first, count)`` computes the outputs (the numpy reference
-    unless a caller passes the fused kernel, which gives the same bits).
+    ``draw(seed, first, count)`` computes the outputs (SplitMix64 by default).
     """
-    per_row = row_numel(shape)
-    values = draw(stream_seed(key, purpose), row_start * per_row, (row_stop - row_start) * per_row)
+    values = draw(stream_seed(key, purpose), *element_range(shape, row_start, row_stop))
     chunk_shape = (row_stop - row_start, *shape[1:]) if len(shape) >= 1 else ()
     return torch.from_numpy(values).reshape(chunk_shape)

@@ -25,13 +25,11 @@ def split(size: int, cuts: list[int]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(points))
 
 
-def write_ranges(
-    fd: int, payload: np.ndarray, ranges, align: int, staging: int, threads: int, seed: int, queued: bool
-) -> None:
+def write_ranges(fd: int, payload: np.ndarray, ranges, align: int, staging: int, threads: int, seed: int) -> None:
     """Write ``ranges`` from ``threads`` threads: runs of consecutive ranges (as a streamed tensor's
     chunks arrive) in a random order, each run in order by one thread."""
-    queue = WriteQueue(buffers=2, nbytes=staging, align=align) if queued else None
-    out = BlockAlignedFile(fd, len(payload), align=align, staging_bytes=staging, queue=queue)
+    queue = WriteQueue(buffers=2, nbytes=staging, align=align)
+    out = BlockAlignedFile(fd, len(payload), queue)
     rng = random.Random(seed)
     runs, ranges = [], list(ranges)
     while ranges:
@@ -42,18 +40,17 @@ def write_ranges(
 
     def put(run):
         for a, b in run:
-            if (a + b) % 3 == 0:  # sometimes from memory aligned to ``align``: the no-copy path
+            if (a + b) % 3 == 0:  # sometimes from memory aligned to ``align``, sometimes as bytes
                 src = aligned_buffer(b - a, align)
                 src[:] = payload[a:b]
+                out.write(a, src)
             else:
-                src = payload[a:b]
-            out.write(a, src)
+                out.write(a, payload[a:b].tobytes())
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(put, runs))
-    if queue is not None:
-        queue.finish()
-        queue.close()
+    queue.finish()
+    queue.close()
     assert out._partial == {}, "every block completes once its bytes are in, before close"
     out.close()
 
@@ -65,17 +62,16 @@ def write_ranges(
     align=st.sampled_from([8, 16, 64, 512]),
     stage_blocks=st.integers(1, 4),
     threads=st.sampled_from([1, 3]),
-    queued=st.booleans(),
     seed=st.integers(0, 1000),
 )
 def test_any_ranges_in_any_order_give_the_file_exactly(
-    tmp_path_factory, size, cuts, align, stage_blocks, threads, queued, seed
+    tmp_path_factory, size, cuts, align, stage_blocks, threads, seed
 ):
     payload = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
     path = tmp_path_factory.mktemp("aligned") / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        write_ranges(fd, payload, split(size, cuts), align, align * stage_blocks, threads, seed, queued)
+        write_ranges(fd, payload, split(size, cuts), align, align * stage_blocks, threads, seed)
     finally:
         os.close(fd)
     assert path.read_bytes() == payload.tobytes()
@@ -89,7 +85,7 @@ def test_consecutive_writes_of_a_thread_go_out_as_one_run(tmp_path, monkeypatch)
     )
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     queue = WriteQueue(buffers=2, nbytes=64, align=16)
-    out = BlockAlignedFile(fd, 200, align=16, staging_bytes=64, queue=queue)
+    out = BlockAlignedFile(fd, 200, queue)
     for start in range(3, 200, 10):  # 10-byte pieces from byte 3 on, then the head
         out.write(start, bytes(range(start, min(start + 10, 200))))
     out.write(0, bytes(range(3)))
@@ -109,7 +105,7 @@ def test_a_failed_write_is_raised_with_the_file_and_nothing_hangs(tmp_path, monk
     monkeypatch.setattr(direct_io, "_pwrite_all", failing)
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     queue = WriteQueue(buffers=1, nbytes=64, align=16)
-    out = BlockAlignedFile(fd, 1000, align=16, staging_bytes=64, queue=queue, label="shard-7")
+    out = BlockAlignedFile(fd, 1000, queue, label="shard-7")
     try:
         with pytest.raises(OutputError, match="could not write shard-7: Input/output error") as info:
             for start in range(0, 1000, 50):  # the failure surfaces from a later write or from finish
@@ -126,11 +122,14 @@ def test_a_failed_write_is_raised_with_the_file_and_nothing_hangs(tmp_path, monk
 
 def test_a_range_never_written_reads_as_zeros_and_the_size_is_kept(tmp_path):
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
-    out = BlockAlignedFile(fd, 100, align=16, staging_bytes=32)
+    queue = WriteQueue(buffers=2, nbytes=32, align=16)
+    out = BlockAlignedFile(fd, 100, queue)
     out.write(0, b"a" * 40)
     out.write(60, b"b" * 40)
+    queue.finish()
     assert sorted(out._partial) == [2, 3]  # bytes 32-39 and 60-63 wait for their neighbours
     out.close()
+    queue.close()
     os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"a" * 40 + bytes(20) + b"b" * 40
 
@@ -138,11 +137,11 @@ def test_a_range_never_written_reads_as_zeros_and_the_size_is_kept(tmp_path):
 def test_writes_outside_the_file_are_refused(tmp_path):
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
     try:
-        out = BlockAlignedFile(fd, 10, align=8, staging_bytes=8)
+        out = BlockAlignedFile(fd, 10, WriteQueue(nbytes=8, align=8))
         with pytest.raises(ValueError, match="outside a 10-byte file"):
             out.write(5, b"123456")
         with pytest.raises(ValueError, match="not a multiple"):
-            BlockAlignedFile(fd, 10, align=8, staging_bytes=12)
+            WriteQueue(nbytes=12, align=8)
     finally:
         os.close(fd)
 
@@ -165,7 +164,7 @@ def test_direct_writes_on_this_disk_give_the_same_bytes(tmp_path):
         return
     try:
         cuts = [8 + 7 * i * 4099 for i in range(1, 40)] + [direct_io.STAGING_BYTES + 3, 2 * direct_io.STAGING_BYTES - 1]
-        write_ranges(fd, payload, split(size, cuts), ALIGN, direct_io.STAGING_BYTES, 2, 0, queued=True)
+        write_ranges(fd, payload, split(size, cuts), ALIGN, direct_io.STAGING_BYTES, 2, 0)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == payload.tobytes()

@@ -245,7 +245,6 @@ def test_a_disk_error_mid_merge_is_one_line_and_leaves_nothing(tmp_path, llama_f
     monkeypatch.setattr(writer_module, "DIRECT_IO", direct)
     small = 64 << 10  # staging runs this small make several writes even for a tiny model
     monkeypatch.setattr(direct_io.WriteQueue.__init__, "__defaults__", (4, small, direct_io.ALIGN, 2))
-    monkeypatch.setattr(direct_io.BlockAlignedFile.__init__, "__defaults__", (direct_io.ALIGN, small, None, "-"))
     real, calls = os.pwrite, []
 
     def pwrite(fd, data, offset):

@@ -36,7 +36,7 @@ from convergent.errors import OutputError
 #: Block size for offsets, lengths and buffer addresses: a multiple of every
 #: logical block size in use (512 or 4096), so one value fits any disk.
 ALIGN = 4096
-#: Bytes per direct write (and per staging buffer): 8 MB writes from two
+#: Bytes per staging buffer, so per direct write at most: 8 MB writes from two
 #: threads reach 2.5 GB/s here, 1 MB ones 15% less.
 STAGING_BYTES = 8 << 20
 #: Staging buffers a :class:`WriteQueue` may have in flight.
@@ -240,45 +240,20 @@ class WriteQueue:
                 self._cond.notify_all()
 
 
-_thread_staging = threading.local()
-
-
-def _staging(nbytes: int, align: int) -> np.ndarray:
-    """This thread's staging buffer, shared by every file it writes (so memory is one buffer per thread)."""
-    stage = getattr(_thread_staging, "buffer", None)
-    if stage is None or len(stage) != nbytes or stage.ctypes.data % align:
-        stage = _thread_staging.buffer = aligned_buffer(nbytes, align)
-    return stage
-
-
 class BlockAlignedFile:
     """Disjoint byte ranges written to ``fd`` in any order and from any thread, in whole blocks.
 
-    With a ``queue`` the bytes are gathered and written on its threads
-    (``queue.finish()`` before :meth:`close`); without one, each call writes
-    its own whole blocks in the calling thread. ``fd`` need not be direct
-    (tests use a plain one with a small ``align`` to check the bookkeeping).
-    :meth:`close` must be called once every range is written, and leaves the
-    file exactly ``size`` bytes long. ``label`` names the file in errors.
+    The bytes are gathered and written by ``queue`` (``queue.finish()`` before
+    :meth:`close`). ``fd`` need not be direct (tests use a plain one with a
+    small ``align`` to check the bookkeeping). :meth:`close` must be called
+    once every range is written, and leaves the file exactly ``size`` bytes
+    long. ``label`` names the file in errors.
     """
 
-    def __init__(
-        self,
-        fd: int,
-        size: int,
-        align: int = ALIGN,
-        staging_bytes: int = STAGING_BYTES,
-        queue: WriteQueue | None = None,
-        label: str = "the output",
-    ):
-        if staging_bytes % align:
-            raise ValueError(f"staging_bytes {staging_bytes} is not a multiple of align {align}")
-        if queue is not None and queue.align != align:
-            raise ValueError(f"the queue's alignment {queue.align} is not the file's {align}")
+    def __init__(self, fd: int, size: int, queue: WriteQueue, label: str = "the output"):
         self.fd = fd
         self.size = size
-        self.align = align
-        self.staging_bytes = staging_bytes
+        self.align = queue.align
         self.queue = queue
         self.label = label
         self._partial: dict[int, list] = {}  # block index -> [aligned block buffer, bytes filled]
@@ -290,19 +265,7 @@ class BlockAlignedFile:
         end = offset + len(src)
         if offset < 0 or end > self.size:
             raise ValueError(f"write of [{offset}, {end}) outside a {self.size}-byte file")
-        if self.queue is not None:
-            self.queue.write(self, offset, src)
-            return
-        first_whole = -(-offset // self.align) * self.align
-        last_whole = end // self.align * self.align
-        if first_whole >= last_whole:  # no whole block inside: one or two partial blocks
-            self._gather(offset, src)
-            return
-        if offset < first_whole:
-            self._gather(offset, src[: first_whole - offset])
-        if last_whole < end:
-            self._gather(last_whole, src[last_whole - offset :])
-        self._write_whole(first_whole, src[first_whole - offset : last_whole - offset])
+        self.queue.write(self, offset, src)
 
     def close(self) -> None:
         """Write the blocks still partial (only ranges never written leave any) and trim the file to ``size``."""
@@ -331,23 +294,9 @@ class BlockAlignedFile:
                 if complete:
                     del self._partial[block]
             if complete:  # the last block goes out padded; close() trims it
-                if self.queue is not None:
-                    self.queue.submit(self.fd, self.label, entry[0], 0, self.align, block * self.align, recycle=False)
-                else:
-                    self._pwrite(entry[0], block * self.align)
+                self.queue.submit(self.fd, self.label, entry[0], 0, self.align, block * self.align, recycle=False)
             offset += take
             src = src[take:]
-
-    def _write_whole(self, offset: int, src: np.ndarray) -> None:
-        if src.ctypes.data % self.align == 0:  # already aligned in memory: no copy
-            for pos in range(0, len(src), self.staging_bytes):
-                self._pwrite(src[pos : pos + self.staging_bytes], offset + pos)
-            return
-        stage = _staging(self.staging_bytes, self.align)
-        for pos in range(0, len(src), self.staging_bytes):
-            piece = src[pos : pos + self.staging_bytes]
-            stage[: len(piece)] = piece
-            self._pwrite(stage[: len(piece)], offset + pos)
 
     def _pwrite(self, buf: np.ndarray, offset: int) -> None:
         try:

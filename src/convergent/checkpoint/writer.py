@@ -182,7 +182,7 @@ class ShardedWriter:
                     raise write_error(str(folder / fname), exc) from exc
                 if direct:
                     self._queue = self._queue or WriteQueue()
-                    self._direct[fname] = BlockAlignedFile(fd, size, queue=self._queue, label=str(folder / fname))
+                    self._direct[fname] = BlockAlignedFile(fd, size, self._queue, label=str(folder / fname))
                 self._fds[fname] = fd
                 self._unflushed[fname] = 0
                 self._reserve(fd, size, need)

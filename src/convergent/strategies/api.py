@@ -85,24 +85,16 @@ class TensorTask(Generic[P, M]):
             raise ValueError(f"{self.name}: this strategy needs a base model")
         return [m - self.base for m in self.models]
 
-    def uniform(self, purpose: str) -> torch.Tensor:
-        """Uniform [0, 1) numbers shaped like this chunk; chunk-invariant.
+    def keep_mask(self, purpose: str, p: float | torch.Tensor) -> torch.Tensor:
+        """Flat 1.0/0.0 mask of this chunk's ``uniform_rows(key, purpose, ...) < p`` (``p`` in float32).
 
+        ``p`` is a number, or one per element. A Bernoulli keep mask (DARE,
+        DELLA), chunk-invariant, drawn and compared in one fused pass.
         ``purpose`` names the draw, e.g. ``f"dare/{i}"`` for model i's mask.
         """
-        return determinism.uniform_rows(self.key, purpose, self.shape, *self.rows, draw=kernels.uniform)
-
-    def keep_mask(self, purpose: str, p: float | torch.Tensor) -> torch.Tensor:
-        """Flat 1.0/0.0 mask of ``uniform(purpose) < p`` (``p`` in float32: a number, or one per element).
-
-        A Bernoulli keep mask (DARE, DELLA) in one fused pass, where the
-        uniform numbers and a comparison were five.
-        """
-        per_row = determinism.row_numel(self.shape)
-        start, stop = self.rows
         seed = determinism.stream_seed(self.key, purpose)
         bound = p.reshape(-1).numpy() if isinstance(p, torch.Tensor) else p
-        return torch.from_numpy(kernels.keep_mask(seed, start * per_row, (stop - start) * per_row, bound))
+        return torch.from_numpy(kernels.keep_mask(seed, *determinism.element_range(self.shape, *self.rows), bound))
 
     def generator(self, purpose: str) -> torch.Generator:
         """A seeded generator for whole-tensor strategies (not chunk-invariant)."""

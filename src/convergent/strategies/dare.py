@@ -1,7 +1,7 @@
 """DARE (mergekit's ``dare_linear`` and ``dare_ties``): drop task-vector elements at random.
 
 Each element of model i's task vector survives with probability ``density``
-(an independent draw ``task.uniform(f"dare/{i}") < density``, as ``task.keep_mask``; chunk-invariant
+(an independent draw, ``task.keep_mask(f"dare/{i}", density)``: chunk-invariant
 and seeded by the merge). With ``rescale`` (the default) the survivors are
 scaled by ``sum|delta| / sum|kept|`` over the whole tensor, mergekit's L1
 rescaling (the paper's ``1 / density`` in expectation). ``dare_ties`` then

@@ -3,8 +3,8 @@
 Per task vector (mergekit's ``della_magprune``): within each row (along
 dim 1; a 1-D tensor is one row) magnitudes are ranked, ``rank_norm`` maps them
 linearly to [0, 1] and an element survives with probability
-``density - epsilon + 2 * epsilon * rank_norm``, drawn from
-``task.uniform(f"della/{i}")`` (chunk-invariant). With ``rescale`` (the
+``density - epsilon + 2 * epsilon * rank_norm``, drawn by
+``task.keep_mask(f"della/{i}", probabilities)`` (chunk-invariant). With ``rescale`` (the
 default) survivors are scaled by ``sum|delta| / sum|kept|`` over the whole
 tensor. ``della`` elects signs like TIES and normalizes; ``della_linear`` sums.
 

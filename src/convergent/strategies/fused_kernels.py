@@ -11,7 +11,7 @@ numba (PyTorch has no CPU fusion without a C++ toolchain):
 * ``ties_merge``, ``consensus_merge``: the sign-consensus methods;
 * ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
 * ``all_finite``: the engine's NaN/Inf probe of every input;
-* ``splitmix_uniform``, ``splitmix_keep``: the counter-based random draws of DARE and DELLA;
+* ``splitmix_keep``: the counter-based random keep masks of DARE and DELLA;
 * ``masked_l1``, ``masked_delta``: the L1 norms of their rescaling, and their masked deltas;
 * ``row_ranks``: DELLA's magnitude ranks within each row.
 
@@ -36,6 +36,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from convergent.determinism import SPLITMIX_GAMMA, SPLITMIX_MIX1, SPLITMIX_MIX2, UNIFORM_SCALE
 from convergent.strategies.kernels import L1_LANES
 
 #: elements per sub-block: every scratch row of a kernel together stays in L1
@@ -479,44 +480,37 @@ def kth_smallest(values, k, scratch):  # pragma: no cover - compiled
 READY = False
 
 
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-_UNIFORM_SCALE = np.float32(2.0**-24)
+_GAMMA = np.uint64(SPLITMIX_GAMMA)
+_MIX1 = np.uint64(SPLITMIX_MIX1)
+_MIX2 = np.uint64(SPLITMIX_MIX2)
+_UNIFORM_SCALE = np.float32(UNIFORM_SCALE)
 
 
 @_jit
-def splitmix_uniform(seed, first, out):  # pragma: no cover - compiled
-    """``out[j]`` = SplitMix64 output ``first + j`` from ``seed``, as float32 in [0, 1).
+def _splitmix_unit(seed, n):  # pragma: no cover - compiled
+    """SplitMix64 output ``n`` from ``seed`` as a float32 in [0, 1): ``determinism.splitmix_uniform``'s bits.
 
-    The bits of ``determinism.splitmix_uniform`` (the numpy reference), in one
-    pass: every operand is uint64, so each product wraps modulo 2^64.
+    Every operand is uint64, so each product wraps modulo 2^64.
     """
-    start = np.uint64(first) + np.uint64(1)
-    for j in range(out.shape[0]):
-        z = seed + (start + np.uint64(j)) * _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
-        out[j] = np.float32(z >> np.uint64(40)) * _UNIFORM_SCALE
-    return out
+    z = seed + (n + np.uint64(1)) * _GAMMA
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return np.float32(z >> np.uint64(40)) * _UNIFORM_SCALE
 
 
 @_jit
 def splitmix_keep(seed, first, bound, out):  # pragma: no cover - compiled
-    """``out[j]`` = 1.0 where ``splitmix_uniform``'s number ``first + j`` is below the bound, else 0.0.
+    """``out[j]`` = 1.0 where SplitMix64's number ``first + j`` is below the bound, else 0.0.
 
     ``bound`` holds one float32 for every element, or one per element: a
-    Bernoulli keep mask (DARE, DELLA) in one pass, the bits of ``u < bound``.
+    Bernoulli keep mask (DARE, DELLA) in one pass, the bits of
+    ``determinism.splitmix_uniform(seed, first, len(out)) < bound``.
     """
-    start = np.uint64(first) + np.uint64(1)
+    start = np.uint64(first)
     shared = bound.shape[0] == 1
     for j in range(out.shape[0]):
-        z = seed + (start + np.uint64(j)) * _GAMMA
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
-        u = np.float32(z >> np.uint64(40)) * _UNIFORM_SCALE
+        u = _splitmix_unit(seed, start + np.uint64(j))
         b = bound[0] if shared else bound[j]
         out[j] = np.float32(1.0) if u < b else np.float32(0.0)
     return out
@@ -652,7 +646,6 @@ def warm_up() -> None:
         np.empty((1, 8 + COLLECT_SLACK), np.float32),
         np.empty((1, 4), np.int64),
     )
-    splitmix_uniform(np.uint64(1), 0, values)
     splitmix_keep(np.uint64(1), 0, values[:1], np.empty(8, np.float32))
     splitmix_keep(np.uint64(1), 0, values, np.empty(8, np.float32))
     masked_l1(values, values, values, np.zeros(2, np.float64))

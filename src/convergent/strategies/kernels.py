@@ -83,22 +83,13 @@ def all_finite(t: torch.Tensor) -> bool | None:
     return bool(fused.all_finite(t.reshape(-1).view(word).numpy().view(mask.dtype), mask))
 
 
-def uniform(seed: int, first: int, count: int) -> np.ndarray:
-    """``determinism.splitmix_uniform``'s numbers, by the fused kernel (0.8 ns per number here).
-
-    Waits for the kernels if they are still loading: numpy's version, used
-    only where numba cannot be imported, gives the same bits 25× slower.
-    """
-    fused = waited()
-    if fused is None:
-        return determinism.splitmix_uniform(seed, first, count)
-    return fused.splitmix_uniform(np.uint64(seed), first, np.empty(count, np.float32))
-
-
 def keep_mask(seed: int, first: int, count: int, bound: float | np.ndarray) -> np.ndarray:
-    """1.0 where ``uniform(seed, first, count)`` is below ``bound`` (float32: one value, or one per number), else 0.0.
+    """1.0 where ``determinism.splitmix_uniform(seed, first, count)`` is below ``bound``, else 0.0.
 
-    One fused pass; without numba, numpy's numbers and comparison (same bits).
+    ``bound`` is float32: one value, or one per number. One fused pass
+    (0.8 ns per number here), waiting for the kernels if they are still
+    loading; numpy's numbers and comparison only where numba cannot be
+    imported (the same bits, 25× slower).
     """
     bound = np.ascontiguousarray(bound, dtype=np.float32).reshape(-1)
     if bound.shape[0] not in (1, count):

@@ -502,6 +502,14 @@ ZERO_ALL = float("inf")
 KEEP_ALL = -1.0
 
 
+def _context(sparsifier: Sparsifier | None, task: TensorTask[Any, Any], i: int, mp: Any, state: ModelState | None):
+    """Model ``i``'s ``sparsify`` context for this chunk: the mask ``gta_prepare`` kept, else a new one."""
+    if sparsifier is None or state is None:
+        return None
+    kept = _kept_mask(task, state) if state.masks else None
+    return kept if kept is not None else sparsifier.context(task, i, mp, state)
+
+
 def _kept_mask(task: TensorTask[Any, Any], state: ModelState) -> Tensor | None:
     """The chunk's keep mask from the blocks ``gta_prepare`` kept, or None if one is missing.
 
@@ -541,17 +549,22 @@ def _masking_kernels(sparsifier: Sparsifier | None, base: Tensor, models: list[T
 
 
 def masked_l1(
-    streams: DeltaStreams, i: int, mask: Tensor | None, start: int, stop: int, scratch: Tensor
+    streams: DeltaStreams,
+    raw: tuple[tuple[np.ndarray, ...], np.ndarray] | None,
+    i: int,
+    mask: Tensor | None,
+    start: int,
+    stop: int,
+    scratch: Tensor,
 ) -> tuple[float, float]:
     """(sum |delta_i|, sum |delta_i| kept by ``mask``) over the piece [start, stop), in float64.
 
     The L1 norms of a masking sparsifier's rescaling, summed in the fixed lane
     order of ``fused_kernels.masked_l1``: one fused pass over the stored bytes
-    (the tensor path took five), or the same order in numpy for inputs the
-    kernel cannot read.
+    ``raw`` (``streams.raw`` of the piece; the tensor path took five), or the
+    same order in numpy for inputs the kernel cannot read.
     """
     keep = np.zeros(stop - start, np.float32) if mask is None else mask[start:stop].numpy()
-    raw = streams.raw(start, stop)
     if raw is not None:
         sums = kernels.masked_l1(raw[0][i], raw[1], keep)
         if sums is not None:
@@ -611,9 +624,10 @@ def gta_prepare(sparsifier: Sparsifier, blocks: TensorBlocks[Any, Any]) -> tuple
                 if masks is not None and ctx is not None:  # 1 bit per element, held for gta_apply
                     masks[blk.rows[0]] = (np.packbits(ctx.numpy() != 0), ctx.numel())
             for start, stop in pieces(blk):
+                raw = piece.raw(start, stop) if sparsifier.masks else None
                 for i, ctx in contexts.items():
                     if sparsifier.masks:
-                        norm, kept_norm = masked_l1(piece, i, ctx, start, stop, scratch[: stop - start])
+                        norm, kept_norm = masked_l1(piece, raw, i, ctx, start, stop, scratch[: stop - start])
                         before[i] += norm
                         after[i] += kept_norm
                         continue
@@ -656,13 +670,7 @@ def gta_apply(
     n = len(task.models)
     weights = [float(torch.tensor(mp.weight, dtype=torch.float32)) for mp in task.model_params]
     states = prepared if prepared is not None else (None,) * n
-    contexts = [
-        _kept_mask(task, st) if sparsifier is not None and st is not None and st.masks else None for st in states
-    ]
-    contexts = [
-        ctx if ctx is not None or sparsifier is None or st is None else sparsifier.context(task, i, mp, st)
-        for i, (ctx, mp, st) in enumerate(zip(contexts, task.model_params, states))
-    ]
+    contexts = [_context(sparsifier, task, i, mp, st) for i, (mp, st) in enumerate(zip(task.model_params, states))]
     base_flat = base.reshape(-1)
     flats = [m.reshape(-1) for m in task.models]
     total = base_flat.numel()
