@@ -94,9 +94,15 @@ _CHUNK = 64 * 1024 * 1024
 _ALIGN = 4096
 
 
+#: read() buffer of the floor: one that stays in the L2 cache. Reading the 6 GB of
+#: the default family from the page cache took 0.74 s with 128 KB, 0.92 s with
+#: 1 MB and 1.15 s with 64 MB buffers; the floor must be the fastest read.
+_READ_CHUNK = 128 * 1024
+
+
 def read_files(paths: list[Path]) -> tuple[int, float]:
-    """Read every byte of ``paths`` once, sequentially; (bytes, seconds)."""
-    buf = bytearray(_CHUNK)
+    """Read every byte of ``paths`` once, sequentially, as fast as ``read()`` allows; (bytes, seconds)."""
+    buf = bytearray(_READ_CHUNK)
     view = memoryview(buf)
     total = 0
     started = time.perf_counter()
@@ -196,13 +202,19 @@ def measure_floor(inputs: list[Path], out_bytes: int, scratch: Path, repeat: int
 
 
 def measure_startup(repeat: int) -> float:
-    """Seconds for a bare ``python`` to import what ``convergent merge`` needs before its first byte (fastest of 3+).
+    """Seconds for a bare ``python`` to do what ``convergent merge`` does before its first byte (fastest of 3+).
 
-    Mostly torch's import: a fixed cost of every run, whatever the model size,
-    that the I/O floor does not contain. Ends with ``os._exit`` as the CLI does,
-    so torch's interpreter teardown is not counted.
+    The imports (mostly torch's) and the load of the compiled kernels (numba's
+    import and set-up; big tensors wait for it): fixed costs of every run,
+    whatever the model size, that the I/O floor does not contain. Ends with
+    ``os._exit`` as the CLI does, so torch's interpreter teardown is not counted.
     """
-    code = "import os, convergent.engine, convergent.recipe, convergent.strategies.kernels; os._exit(0)"
+    code = (
+        "import os, convergent.engine, convergent.recipe\n"
+        "from convergent.strategies import kernels\n"
+        "kernels.load()\n"
+        "os._exit(0)"
+    )
     times = []
     for _ in range(max(3, repeat)):
         m = run_measured([sys.executable, "-c", code], timeout_s=120)
@@ -394,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     startup_s = measure_startup(args.repeat)
-    log(f"start-up (python + imports, before any merge work): {startup_s:.2f}s")
+    log(f"start-up (python, imports and the kernels' load, before any merge work): {startup_s:.2f}s")
 
     runs: list[dict[str, Any]] = []
     comparisons: dict[str, Any] = {}
@@ -528,10 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         "verdicts": verdicts,
         "notes": [
             "page cache warm: every input was read once before any timing",
-            "I/O floor = sequential read of every input byte once + write of the output bytes once with fsync "
-            "(the faster of a buffered and an O_DIRECT write)",
-            "wall includes process start-up (imports); 'x floor, less start-up' subtracts startup_s, the "
-            "fastest bare import of convergent's engine (mostly torch) measured in this run",
+            "I/O floor = sequential read() of every input byte once (128 KB buffer, the fastest) + write of the "
+            "output bytes once with fsync (the faster of a buffered and an O_DIRECT write)",
+            "wall includes process start-up; 'x floor, less start-up' subtracts startup_s, the fastest bare "
+            "import of convergent's engine (mostly torch) plus the load of its compiled kernels, measured in this run",
             "convergent fsyncs its output, mergekit does not: '+sync s' is the os.sync() right after each run",
             "cpu stall % = share of the wall time in which some runnable thread waited for a CPU (Linux PSI); "
             "it counts the tool's own surplus threads too, but well above the quiet-machine value it means "

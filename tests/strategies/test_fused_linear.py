@@ -9,6 +9,7 @@ the two must agree bit for bit.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -100,3 +101,40 @@ def test_mixed_and_other_dtypes_take_the_tensor_path(fused_calls):
     out = linear.weighted_sum(doubles, [1.0, 1.0], False, "w")
     assert not fused_calls and out.dtype == torch.float32
     assert torch.equal(out, doubles[0].float() + doubles[1].float())
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.sampled_from([1, 255, 257, 4099]))
+def test_bfloat16_output_rounds_every_float32_as_torch_casts(seed, size):
+    """A bfloat16 ``out`` gets each float32 sum rounded as ``.to(torch.bfloat16)``: any bit pattern, NaN and Inf too."""
+    kernels.load()
+    fused = kernels.loaded()
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+    bits[: min(size, 6)] = [0x7F800000, 0xFF800000, 0x7FC00001, 0x3F808000, 0x3F818000, 0x7F7FFFFF][: min(size, 6)]
+    values = bits.view(np.float32)  # ties to even (0x3F808000 down, 0x3F818000 up), overflow to Inf, NaNs
+    out = np.empty(size, np.uint16)
+    fused.weighted_sum((values,), np.ones(1, np.float32), False, np.float32(1), out)
+    expected = torch.from_numpy(values.copy()).to(torch.bfloat16).view(torch.uint16).numpy()
+    assert np.array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bfloat16_out_dtype_is_the_float32_result_cast(dtype, fused_calls):
+    gen = torch.Generator().manual_seed(2)
+    models = [torch.randn(1000, 33, generator=gen).to(dtype) for _ in range(3)]
+    weights = [0.2, 0.5, 1.3]
+    narrow = linear.weighted_sum(models, weights, True, "w", torch.bfloat16)
+    wide = linear.weighted_sum(models, weights, True, "w")
+    assert narrow.dtype == torch.bfloat16 and wide.dtype == torch.float32 and len(fused_calls) == 2
+    assert torch.equal(narrow.view(torch.uint16), wide.to(torch.bfloat16).view(torch.uint16))
+    # other output dtypes stay float32: the engine casts them
+    assert linear.weighted_sum(models, weights, True, "w", torch.float16).dtype == torch.float32
+
+
+def test_big_pieces_wait_for_the_kernels_small_ones_do_not(monkeypatch):
+    sentinel = object()
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
+    monkeypatch.setattr(kernels, "waited", lambda: sentinel)
+    assert kernels.for_size(kernels.WAIT_NUMEL) is sentinel
+    assert kernels.for_size(kernels.WAIT_NUMEL - 1) is None

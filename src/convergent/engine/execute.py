@@ -476,6 +476,7 @@ class _Executor:
             num_layers=plan.num_layers,
             extras=self._load_stats(plan, None),
             sink=sink,
+            out_dtype=plan.out.dtype,
         )
 
     def _streamed(self, plan: TensorPlan) -> None:
@@ -510,6 +511,7 @@ class _Executor:
                 plan.layer,
                 plan.num_layers,
                 self._load_stats(plan, rows),
+                plan.out.dtype,
             )
 
         prepared = None

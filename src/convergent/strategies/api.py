@@ -1,9 +1,11 @@
 """The contract between the engine and a merge strategy.
 
 A strategy is a pure function from the inputs of one tensor to the merged
-tensor. It never reads files, never touches a global RNG and never casts to the
-output dtype: the engine does the I/O, hands it float32 tensors in canonical
-order, and casts once at the end. (A strategy declared with ``raw_inputs``
+tensor. It never reads files and never touches a global RNG: the engine does
+the I/O, hands it float32 tensors in canonical order, and casts the float32
+result to the output dtype once at the end. (A strategy may return the result
+in ``TensorTask.out_dtype`` itself when it can round in the same pass, with the
+bits of that cast.) (A strategy declared with ``raw_inputs``
 gets the tensors in their stored floating dtype instead and converts what it
 reads itself, so fused kernels can decode bfloat16 on the fly; its arithmetic
 is float32 all the same.)
@@ -74,6 +76,7 @@ class TensorTask(Generic[P, M]):
     layer: int | None = None
     num_layers: int | None = None
     extras: Mapping[str, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)
+    out_dtype: torch.dtype | None = None
 
     @property
     def is_whole(self) -> bool:

@@ -91,10 +91,10 @@ def _kth_smallest(values: np.ndarray, k: int) -> np.float32:
     """The k-th smallest (0-based) of non-negative finite float32 values: the same value on either path.
 
     ``fused_kernels.kth_smallest`` (a radix select, 4-7x faster) once the
-    kernels are loaded, else ``np.partition`` of the bit patterns (such floats
+    kernels are loaded (or waited for, when ``values`` are many), else ``np.partition`` of the bit patterns (such floats
     order like their bits, and integers partition faster).
     """
-    fused = kernels.loaded()
+    fused = kernels.for_size(values.size)
     if fused is not None:
         return fused.kth_smallest(values, k, np.empty(values.size + fused.COLLECT_SLACK, np.float32))
     return np.partition(values.view(np.uint32), k)[k].view(np.float32)
@@ -108,7 +108,7 @@ def kth_largest_bracketed(
     if numel < MIN_NUMEL:
         return {i: [None] * len(ks) for i, ks in wanted.items()}
     samples: dict[int, list[np.ndarray]] = {i: [] for i in wanted}
-    sampler = kernels.loaded()
+    sampler = kernels.for_size(numel)
     for start, stop in _sample_runs(blocks.shape):
         task = blocks.rows(start, stop)
         piece = streams(task)

@@ -7,7 +7,7 @@ those passes, each reading and writing whole pieces, were most of a merge.
 Here each is one pass over the stored float32 or bfloat16 bytes, compiled by
 numba (PyTorch has no CPU fusion without a C++ toolchain):
 
-* ``weighted_sum``: ``linear``;
+* ``weighted_sum``: ``linear``, rounded to bfloat16 in the same pass when that is the output;
 * ``ties_merge``, ``consensus_merge``: the sign-consensus methods;
 * ``bracket_tally``, ``kth_smallest``: the exact top-k magnitude selection;
 * ``all_finite``: the engine's NaN/Inf probe of every input;
@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from convergent.determinism import SPLITMIX_GAMMA, SPLITMIX_MIX1, SPLITMIX_MIX2, UNIFORM_SCALE
 from convergent.strategies.kernels import L1_LANES
@@ -68,6 +68,44 @@ def _to_f32(typingctx, value):
         return types.float32(value), widen
     if value == types.float32:
         return types.float32(value), lambda context, builder, signature, args: args[0]
+    return None
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    """A float32's bit pattern as uint32 (the inverse of ``_to_f32`` for float32)."""
+    if value == types.float32:
+
+        def cast(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return types.uint32(value), cast
+    return None
+
+
+#: bfloat16 bits of every NaN in torch's vectorized float32 -> bfloat16 cast (the one
+#: x86 and ARM builds run): the engine's output must not depend on which path a chunk took
+BF16_NAN = 0xFFFF
+
+
+def _narrow(value, like):  # pragma: no cover - replaced in compiled code by its overload
+    """float32 ``value`` as an element of arrays like ``like``: itself, or its bfloat16 bits (uint16)."""
+    raise NotImplementedError("only callable from compiled kernels")
+
+
+@overload(_narrow)
+def _narrow_overload(value, like):
+    if like.dtype == types.float32:
+        return lambda value, like: value
+    if like.dtype == types.uint16:
+
+        def to_bfloat16(value, like):
+            # round to nearest, ties to even, on the bits: torch's float32 -> bfloat16 cast
+            bits = _f32_bits(value)
+            rounded = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            return np.uint16(BF16_NAN) if value != value else rounded
+
+        return to_bfloat16
     return None
 
 
@@ -359,28 +397,34 @@ def weighted_sum(models, weights, normalize, total, out):  # pragma: no cover - 
     """``out = (models[0] * weights[0] + models[1] * weights[1] + ...) / total`` (no division without ``normalize``).
 
     ``models`` is a tuple of equal-length float32 arrays or bfloat16 bit
-    patterns (uint16), ``weights`` float32, ``out`` float32. Each product is
-    rounded to float32 before it is added (no fused multiply-add), the sum
-    runs in model order, then the true division: the operations of the tensor
-    path (``linear.weighted_sum``) and of mergekit's ``(tensors * weights).sum(0)``.
+    patterns (uint16), ``weights`` float32. Each product is rounded to float32
+    before it is added (no fused multiply-add), the sum runs in model order,
+    then the true division: the operations of the tensor path
+    (``linear.weighted_sum``) and of mergekit's ``(tensors * weights).sum(0)``.
+    ``out`` is float32, or uint16 for a bfloat16 result: each float32 sum is
+    then rounded as torch's cast rounds it, in the same pass, so the sums
+    never travel through memory.
     """
     n = len(models)
     size = out.shape[0]
+    acc = np.empty(BLOCK, np.float32)
     for start in range(0, size, BLOCK):
         m = min(BLOCK, size - start)
-        o = out[start : start + m]
         src = models[0][start : start + m]
         w = weights[0]
         for j in range(m):
-            o[j] = _to_f32(src[j]) * w
+            acc[j] = _to_f32(src[j]) * w
         for i in range(1, n):
             src = models[i][start : start + m]
             w = weights[i]
             for j in range(m):
-                o[j] = o[j] + _to_f32(src[j]) * w
+                acc[j] = acc[j] + _to_f32(src[j]) * w
         if normalize:
             for j in range(m):
-                o[j] = o[j] / total
+                acc[j] = acc[j] / total
+        o = out[start : start + m]
+        for j in range(m):
+            o[j] = _narrow(acc[j], o)
     return out
 
 

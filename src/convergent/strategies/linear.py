@@ -20,16 +20,22 @@ class LinearModelParams(ModelParams):
 
 
 def weighted_sum(
-    tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], weights: list[float], normalize: bool, name: str
+    tensors: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    weights: list[float],
+    normalize: bool,
+    name: str,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """sum_i w_i x_i (divided by sum_i w_i when normalize), accumulated in order, in float32.
 
     Inputs may be in any floating dtype (``raw_inputs``). Each product is
     rounded before it is added, as in mergekit's ``(tensors * weights).sum(0)``
-    (``add_(x, alpha=w)`` would fuse them into one rounding). Once the fused
-    kernels are loaded, float32 or bfloat16 inputs take
-    ``fused_kernels.weighted_sum`` instead: one pass over the stored bytes,
-    the same operations, so the same bits.
+    (``add_(x, alpha=w)`` would fuse them into one rounding). Float32 or
+    bfloat16 inputs take ``fused_kernels.weighted_sum`` instead (once loaded,
+    or always for big pieces: see ``kernels.for_size``): one pass over the stored bytes,
+    the same operations, so the same bits. There, an ``out_dtype`` of
+    bfloat16 is produced directly (rounded as the engine's cast would);
+    otherwise the result is float32.
     """
     total = sum(weights)
     if normalize and total == 0:
@@ -37,15 +43,16 @@ def weighted_sum(
             f"weights sum to zero for tensor {name} with normalize: true",
             "give non-zero weights or set normalize: false",
         )
-    fused = kernels.loaded()
+    fused = kernels.for_size(tensors[0].numel())
     if fused is not None and kernels.kernel_ready(tensors[0], tensors[1:]) and all(t.is_contiguous() for t in tensors):
-        out = torch.empty(tensors[0].shape, dtype=torch.float32)
+        narrow = out_dtype == torch.bfloat16
+        out = torch.empty(tensors[0].shape, dtype=torch.bfloat16 if narrow else torch.float32)
         fused.weighted_sum(
             tuple(kernels.raw_array(t.reshape(-1)) for t in tensors),
             np.asarray(weights, dtype=np.float32),
             normalize,
             np.float32(total),
-            out.view(-1).numpy(),
+            kernels.raw_array(out.view(-1)),
         )
         return out
     out = tensors[0].to(torch.float32) * weights[0]
@@ -70,4 +77,4 @@ def weighted_sum(
 def linear(task: TensorTask[LinearParams, LinearModelParams], _: None) -> torch.Tensor:
     """Weighted average of the models' weights."""
     weights = [mp.weight for mp in task.model_params]
-    return weighted_sum(task.models, weights, task.params.normalize, task.name)
+    return weighted_sum(task.models, weights, task.params.normalize, task.name, task.out_dtype)

@@ -82,6 +82,7 @@ def make_task(
     layer: int | None = None,
     num_layers: int | None = None,
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> TensorTask[Any, Any]:
     return TensorTask(
         name=name,
@@ -95,6 +96,7 @@ def make_task(
         layer=layer,
         num_layers=num_layers,
         extras={k: tuple(v) for k, v in (extras or {}).items()},
+        out_dtype=out_dtype,
     )
 
 
@@ -173,6 +175,7 @@ def run_strategy(
     num_layers: int | None = None,
     extras: Mapping[str, Sequence[torch.Tensor | None]] | None = None,
     sink: Callable[[torch.Tensor, int], None] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """Apply ``strat`` to tensors in memory, whole or chunk by chunk.
 
@@ -182,7 +185,9 @@ def run_strategy(
 
     With ``sink``, each chunk's result is handed to ``sink(out, row_start)``
     as soon as it is computed (and None is returned), so only one chunk of
-    output exists at a time; otherwise the full result is returned.
+    output exists at a time; otherwise the full result is returned. Results
+    are float32, or ``out_dtype`` where the strategy produced that itself
+    (see ``TensorTask.out_dtype``).
     """
     total = determinism.num_rows(shape)
     extras = extras or {}
@@ -204,6 +209,7 @@ def run_strategy(
             # Row-aligned statistics are sliced with the rows; others (Gram
             # matrices) only reach whole-tensor strategies and stay whole.
             {k: [_rows(t, start, stop) if strat.chunkable else t for t in v] for k, v in extras.items()},
+            out_dtype,
         )
 
     prepared = None
@@ -217,7 +223,9 @@ def run_strategy(
         ranges = [(s, min(total, s + step)) for s in range(0, total, step)]
     parts = []
     for start, stop in ranges:
-        out = _check_output(strat, name, strat.apply(load(start, stop), prepared), (stop - start, *shape[1:]), shape)
+        out = _check_output(
+            strat, name, strat.apply(load(start, stop), prepared), (stop - start, *shape[1:]), shape, out_dtype
+        )
         if sink is not None:
             sink(out, start)
         else:
@@ -228,9 +236,14 @@ def run_strategy(
 
 
 def _check_output(
-    strat: Strategy, name: str, out: torch.Tensor, chunk_shape: tuple[int, ...], shape: tuple[int, ...]
+    strat: Strategy,
+    name: str,
+    out: torch.Tensor,
+    chunk_shape: tuple[int, ...],
+    shape: tuple[int, ...],
+    out_dtype: torch.dtype | None,
 ) -> torch.Tensor:
     expected = chunk_shape if shape else ()
     if tuple(out.shape) != expected:
         raise RuntimeError(f"strategy {strat.name} returned shape {tuple(out.shape)} for {name}, expected {expected}")
-    return out.to(torch.float32)
+    return out if out.dtype == out_dtype else out.to(torch.float32)

@@ -538,14 +538,14 @@ _NO_MASK = np.zeros(1, np.float32)
 def _masking_kernels(sparsifier: Sparsifier | None, base: Tensor, models: list[Tensor]) -> Any:
     """``fused_kernels`` when a masking sparsifier's deltas can be formed by ``masked_delta``, else None.
 
-    Needs the kernels loaded (no waiting: the tensor path gives the same bits)
-    and base and models all float32 or all bfloat16, contiguous.
+    Needs the kernels (waited for only when the piece is big: the tensor path
+    gives the same bits) and base and models all float32 or all bfloat16, contiguous.
     """
     if sparsifier is None or not sparsifier.masks or not kernel_ready(base, models):
         return None
     if not base.is_contiguous() or not all(m.is_contiguous() for m in models):
         return None
-    return kernels.loaded()
+    return kernels.for_size(base.numel())
 
 
 def masked_l1(
