@@ -200,7 +200,8 @@ def _average_agreeing(deltas, at, m, base_f, weights, normalize, lam, out, total
 
     ``base_f`` holds those elements of the base (float32); ``acc`` and
     ``div`` are scratch of at least ``m`` elements; ``total`` is overwritten
-    with the elected signs.
+    with the elected signs. ``out`` is float32, or uint16 for bfloat16 results
+    (rounded as torch's cast, see ``_narrow``).
     """
     n = deltas.shape[0]
     zero = np.float32(0.0)
@@ -220,18 +221,19 @@ def _average_agreeing(deltas, at, m, base_f, weights, normalize, lam, out, total
     if normalize:
         for j in range(m):
             dv = div[j]
-            out[j] = acc[j] / (dv if dv != zero else one) * total[j] * lam + base_f[j]
+            out[j] = _narrow(acc[j] / (dv if dv != zero else one) * total[j] * lam + base_f[j], out)
     else:
         for j in range(m):
-            out[j] = acc[j] * total[j] * lam + base_f[j]
+            out[j] = _narrow(acc[j] * total[j] * lam + base_f[j], out)
 
 
 @_jit
 def consensus_merge(deltas, base, weights, count, normalize, lam, out):  # pragma: no cover - compiled
     """TIES sign election and disjoint mean, then ``base + lam * merged`` (mergekit's ``get_mask`` semantics).
 
-    ``deltas`` (n x m float32, already sparsified and weighted), ``base``,
-    ``out`` (m float32), ``weights`` (n float32). Per element: the majority
+    ``deltas`` (n x m float32, already sparsified and weighted), ``base``
+    (m float32), ``out`` (m float32, or uint16 for bfloat16 results),
+    ``weights`` (n float32). Per element: the majority
     sign is +1 where the sum of the deltas (``count``: of their signs) is >= 0,
     else -1; a delta agrees when its sign equals it (zero and NaN deltas never
     agree); the merged delta is the sum of the agreeing deltas (in model
@@ -343,7 +345,7 @@ def ties_merge(
     tie_keep[i]`` one survives, and every one met adds 1 to ``tie_seen[i]``
     (updated in place); finally multiplied by ``scales[i]``, then by
     ``weights[i]``. The same float32 operations, in the same order, as the
-    tensor path, so both give the same bits.
+    tensor path, so both give the same bits. ``out`` as in :func:`consensus_merge`.
     """
     n = len(models)
     size = base.shape[0]

@@ -311,7 +311,8 @@ def consensus_merge(
     with mergekit's semantics: majority sign +1 where the sum of the weighted
     deltas (``count``: of their signs) is >= 0; only deltas of that sign are
     summed; with ``normalize`` the sum is divided by their weights' sum (1
-    where no model agrees).
+    where no model agrees). ``out`` is float32, or bfloat16 rounded as
+    torch's cast rounds.
     """
     fused_kernels = kernels.require()
     if method not in ("sum", "count"):
@@ -323,7 +324,7 @@ def consensus_merge(
         method == "count",
         normalize,
         np.float32(lam),
-        out.numpy(),
+        raw_array(out),
     )
     return out
 
@@ -411,7 +412,7 @@ class _FusedTies:
             self.count,
             self.normalize,
             self.lam,
-            out[start:stop].numpy(),
+            raw_array(out[start:stop]),
         )
         for i, ties in cursors.items():
             ties.seen = int(tie_seen[i])
@@ -674,8 +675,10 @@ def gta_apply(
     base_flat = base.reshape(-1)
     flats = [m.reshape(-1) for m in task.models]
     total = base_flat.numel()
-    out = torch.empty(total)
     fused = _FusedTies.of(sparsifier, task, states, contexts, weights, lam(p)) if consensus else None
+    # every consensus piece ends in a kernel (ties_merge or consensus_merge) that rounds to bfloat16 as it writes
+    narrow = consensus and task.out_dtype == torch.bfloat16
+    out = torch.empty(total, dtype=torch.bfloat16 if narrow else torch.float32)
     piece = min(PIECE if fused is None else FUSED_PIECE, max(1, total))
     # one buffer for the n deltas of a piece, so the fused kernel sees an n x size array
     stack = torch.empty(n * piece)
