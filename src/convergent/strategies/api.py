@@ -3,12 +3,12 @@
 A strategy is a pure function from the inputs of one tensor to the merged
 tensor. It never reads files and never touches a global RNG: the engine does
 the I/O, hands it float32 tensors in canonical order, and casts the float32
-result to the output dtype once at the end. (A strategy may return the result
-in ``TensorTask.out_dtype`` itself when it can round in the same pass, with the
-bits of that cast.) (A strategy declared with ``raw_inputs``
-gets the tensors in their stored floating dtype instead and converts what it
-reads itself, so fused kernels can decode bfloat16 on the fly; its arithmetic
-is float32 all the same.)
+result to the output dtype once at the end. Two exceptions serve the fused
+kernels: a strategy declared with ``raw_inputs`` gets the tensors in their
+stored floating dtype and converts what it reads itself (its arithmetic is
+float32 all the same), and a strategy may return its result already in
+``TensorTask.out_dtype`` when it rounds in the same pass, with the bits of
+the engine's cast.
 
 Two shapes of strategy exist, both declared with :func:`strategy`:
 

@@ -91,8 +91,9 @@ def _kth_smallest(values: np.ndarray, k: int) -> np.float32:
     """The k-th smallest (0-based) of non-negative finite float32 values: the same value on either path.
 
     ``fused_kernels.kth_smallest`` (a radix select, 4-7x faster) once the
-    kernels are loaded (or waited for, when ``values`` are many), else ``np.partition`` of the bit patterns (such floats
-    order like their bits, and integers partition faster).
+    kernels are loaded (waited for when ``values`` are many), else
+    ``np.partition`` of the bit patterns (such floats order like their bits,
+    and integers partition faster).
     """
     fused = kernels.for_size(values.size)
     if fused is not None:

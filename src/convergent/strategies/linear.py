@@ -31,11 +31,11 @@ def weighted_sum(
     Inputs may be in any floating dtype (``raw_inputs``). Each product is
     rounded before it is added, as in mergekit's ``(tensors * weights).sum(0)``
     (``add_(x, alpha=w)`` would fuse them into one rounding). Float32 or
-    bfloat16 inputs take ``fused_kernels.weighted_sum`` instead (once loaded,
-    or always for big pieces: see ``kernels.for_size``): one pass over the stored bytes,
-    the same operations, so the same bits. There, an ``out_dtype`` of
-    bfloat16 is produced directly (rounded as the engine's cast would);
-    otherwise the result is float32.
+    bfloat16 inputs take ``fused_kernels.weighted_sum`` instead (once it is
+    loaded; big pieces wait for it, see ``kernels.for_size``): one pass over
+    the stored bytes, the same operations, so the same bits. There an
+    ``out_dtype`` of bfloat16 is produced directly, rounded as the engine's
+    cast would; otherwise the result is float32.
     """
     total = sum(weights)
     if normalize and total == 0:
