@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 
 from common import machine_info, mb, print_table, run_measured, write_json
+from convergent.checkpoint.direct_io import ALIGN, aligned_buffer
 from synth import Family, build_family, config_for
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +66,7 @@ def recipe(method: str, fam: Family) -> dict[str, Any]:
     if method == "task_arithmetic":
         models = [{"model": p, "parameters": {"weight": 1.0}} for p in fts]
         return {"models": models, "base_model": str(fam.base), "merge_method": "task_arithmetic", **common}
-    if method in ("dare_ties", "della"):  # the stochastic ones: seeded random drops (and ranks, for della)
+    if method in STOCHASTIC:  # seeded random drops (and ranks, for della)
         extra = {"epsilon": 0.1} if method == "della" else {}
         models = [{"model": p, "parameters": {"weight": 1.0, "density": 0.5, **extra}} for p in fts]
         return {"models": models, "base_model": str(fam.base), "merge_method": method, **common}
@@ -91,7 +92,6 @@ def write_recipe(path: Path, rec: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- I/O floor
 
 _CHUNK = 64 * 1024 * 1024
-_ALIGN = 4096
 
 
 #: read() buffer of the floor: one that stays in the L2 cache. Reading the 6 GB of
@@ -115,8 +115,7 @@ def read_files(paths: list[Path]) -> tuple[int, float]:
 
 def _pattern(nbytes: int) -> np.ndarray:
     """Non-zero bytes (so no filesystem can skip them), in memory aligned for O_DIRECT."""
-    raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
-    buf = raw[-raw.ctypes.data % _ALIGN :][:nbytes]
+    buf = aligned_buffer(nbytes, ALIGN)
     buf.view(np.uint32)[:] = np.arange(nbytes // 4, dtype=np.uint32) * np.uint32(2654435761)
     return buf
 
@@ -140,7 +139,7 @@ def write_bytes(path: Path, nbytes: int, direct: bool = False) -> float | None:
         while done < nbytes:
             take = min(nbytes - done, _CHUNK)
             if direct:
-                take = -(-take // _ALIGN) * _ALIGN
+                take = -(-take // ALIGN) * ALIGN
             done += os.pwrite(fd, memoryview(block)[:take], done)
         if done != nbytes:
             os.ftruncate(fd, nbytes)

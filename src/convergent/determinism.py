@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -100,20 +99,12 @@ def element_range(shape: tuple[int, ...], row_start: int, row_stop: int) -> tupl
     return row_start * per_row, (row_stop - row_start) * per_row
 
 
-def uniform_rows(
-    key: bytes,
-    purpose: str,
-    shape: tuple[int, ...],
-    row_start: int,
-    row_stop: int,
-    draw: Callable[[int, int, int], np.ndarray] = splitmix_uniform,
-) -> torch.Tensor:
+def uniform_rows(key: bytes, purpose: str, shape: tuple[int, ...], row_start: int, row_stop: int) -> torch.Tensor:
     """Uniform [0, 1) float32 numbers for rows [row_start, row_stop) of ``shape``.
 
     Element (r, ...) is output ``r * row_numel + offset`` of the stream
     ``stream_seed(key, purpose)``: the same whichever chunk asks for it.
-    ``draw(seed, first, count)`` computes the outputs (SplitMix64 by default).
     """
-    values = draw(stream_seed(key, purpose), *element_range(shape, row_start, row_stop))
+    values = splitmix_uniform(stream_seed(key, purpose), *element_range(shape, row_start, row_stop))
     chunk_shape = (row_stop - row_start, *shape[1:]) if len(shape) >= 1 else ()
     return torch.from_numpy(values).reshape(chunk_shape)

@@ -183,8 +183,9 @@ class ShardedWriter:
                 if direct:
                     self._queue = self._queue or WriteQueue()
                     self._direct[fname] = BlockAlignedFile(fd, size, self._queue, label=str(folder / fname))
+                else:
+                    self._unflushed[fname] = 0  # direct files have nothing for the flusher
                 self._fds[fname] = fd
-                self._unflushed[fname] = 0
                 self._reserve(fd, size, need)
                 if fname in self._direct:
                     self._direct[fname].write(0, head)
